@@ -1,0 +1,62 @@
+"""The `imagen-jax` command line: one subcommand per job.
+
+Each subcommand lives in its own module exposing
+  `add_arguments(parser: argparse.ArgumentParser) -> None` and
+  `run(args: argparse.Namespace) -> int`.
+Modules are imported only when their subcommand runs, so `imagen-jax --help` stays fast.
+Flags are absl-style (`--flag=value`); where configs apply, `--gin_file=F` (repeatable) and
+`--gin.KEY=VALUE` bindings are accepted and collected into `args.gin_files` / `args.gin_bindings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from imagen_jax import gin_utils
+
+# name -> (module, one-line help). Add a subcommand by adding its line here.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The top-level parser with one sub-parser per registered subcommand."""
+  parser = argparse.ArgumentParser(
+    prog="imagen-jax",
+    description="Imagen cascaded text-to-image diffusion in JAX/Flax.",
+  )
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (module_name, help_text) in SUBCOMMANDS.items():
+    sub = subparsers.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(_module=module_name)
+    _lazy_add_arguments(sub, module_name)
+  return parser
+
+
+def _lazy_add_arguments(sub: argparse.ArgumentParser, module_name: str) -> None:
+  # Importing every subcommand module for `--help` would import TF and JAX; modules keep
+  # their heavy imports inside functions so this stays cheap.
+  module = importlib.import_module(module_name)
+  module.add_arguments(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the `imagen-jax` console script."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  gin_bindings, argv = gin_utils.split_gin_binding_flags(argv)
+  parser = build_parser()
+  if not SUBCOMMANDS:
+    parser.epilog = "No subcommands are available yet."
+  args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help()
+    return 0
+  args.gin_bindings = gin_bindings
+  module = importlib.import_module(args._module)
+  return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

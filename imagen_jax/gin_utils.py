@@ -1,0 +1,75 @@
+"""Gin plumbing shared by every configurable subcommand.
+
+Config files live in the repository's `configs/` and may `include` each other by repo-relative
+path (`include 'configs/models/base64.gin'`); they use `from __gin__ import dynamic_registration`
+so library code carries no gin decorators.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def split_gin_binding_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Pulls `--gin.KEY=VALUE` flags out of argv.
+
+  Returns:
+    (bindings as 'KEY = VALUE' strings, the remaining argv).
+  """
+  bindings, rest = [], []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      key, sep, value = arg[len("--gin.") :].partition("=")
+      if not sep or not key:
+        raise ValueError(f"malformed gin binding {arg!r}: write it as --gin.KEY=VALUE")
+      bindings.append(f"{key} = {value}")
+    else:
+      rest.append(arg)
+  return bindings, rest
+
+
+def add_gin_arguments(parser) -> None:
+  """Adds the `--gin_file` flag (repeatable); `--gin.K=V` is handled before argparse."""
+  parser.add_argument(
+    "--gin_file",
+    action="append",
+    default=[],
+    help="gin config file (repeatable), e.g. configs/models/tiny_base.gin; later files win. "
+    "Bindings are given as --gin.KEY=VALUE and override the files.",
+  )
+
+
+def resolve_config_path(path: str) -> str:
+  """Finds a gin file given as an absolute path, relative to cwd, or relative to the repo."""
+  for candidate in (path, os.path.join(REPO_ROOT, path), os.path.join(CONFIGS_DIR, path)):
+    if os.path.exists(candidate):
+      return candidate
+  raise FileNotFoundError(
+    f"gin file {path!r} not found (looked in the working directory, {REPO_ROOT} and "
+    f"{CONFIGS_DIR}); pass a path like configs/models/tiny_base.gin"
+  )
+
+
+def parse_gin(
+  gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: bool = True
+) -> None:
+  """Clears gin and parses files then bindings, with the repo root on the include path.
+
+  Raises:
+    ValueError: an unknown configurable or parameter, naming the offending binding.
+  """
+  gin.clear_config()
+  for path in (os.getcwd(), REPO_ROOT):
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
+  files = [resolve_config_path(f) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
+  except (ValueError, KeyError, ImportError) as e:
+    raise ValueError(f"invalid gin configuration: {e}") from e

@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("mlp", "model"),
   ("heads", "model"),
   ("kv", None),
+  ("joined_kv", "model"),  # T5X attention kernels store heads*head_dim as one axis
   ("norm", None),
   ("image_channels", None),  # 3 RGB channels never split
   ("vocab", "model"),

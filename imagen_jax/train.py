@@ -1,0 +1,537 @@
+"""The training job for one cascade stage: gin-configured, mesh-sharded, resumable.
+
+`imagen-jax train --gin_file=configs/stages/base64.gin --gin_file=configs/runs/pretrain.gin
+  --gin.MODEL_DIR="'/tmp/base64'" --gin.DATA="'/data/precomputed'"` calls `train(...)` with
+everything bound by gin. The job:
+  1. validates the config (batch vs mesh, model dir, data) before compiling anything;
+  2. builds the mesh and initialises params, optimizer state and EMA straight into their
+     shardings (never materialised on one device);
+  3. compiles one train step ahead of time (FLOPs and memory known before step 1);
+  4. restores the newest loadable checkpoint and the data iterator's position;
+  5. trains, logging to the console and TensorBoard, writing sample grids, saving
+     asynchronously; on SIGTERM/preemption it saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from imagen_jax import checkpoints, images, parallel, perf
+from imagen_jax.diffusion import samplers
+from imagen_jax.stage import Stage, StageConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot continue (e.g. persistently non-finite losses)."""
+
+
+# ================================================================================================
+# Train state and the train step
+# ================================================================================================
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything the step updates. EMA params live here too and are saved as their own item."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  consecutive_nonfinite: jax.Array  # skipped updates in a row
+  total_nonfinite: jax.Array  # skipped updates over the run
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """EMA decay for this update; with warm-up, min(decay, (1 + n) / (10 + n)) as in TF's EMA,
+  so short runs' EMA is not dominated by the initialisation."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(
+  stage: Stage,
+  optimizer: optax.GradientTransformation,
+  learning_rate_fn: optax.Schedule,
+  ema_decay: float,
+  ema_warmup: bool,
+  num_microbatches: int,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """The pure train step: (state, global batch, base rng) -> (new state, metrics)."""
+
+  def grads_of(params, batch, rng):
+    (loss, metrics), grads = jax.value_and_grad(stage.loss_fn, has_aux=True)(params, batch, rng)
+    return loss, metrics, grads
+
+  def accumulated_grads(params, batch, rng):
+    if num_microbatches == 1:
+      return grads_of(params, batch, rng)
+    micro = jax.tree.map(
+      lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch
+    )
+
+    def body(carry, inputs):
+      loss_sum, grad_sum = carry
+      i, mb = inputs
+      loss, _, grads = grads_of(params, mb, jax.random.fold_in(rng, i))
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(num_microbatches), micro)
+    )
+    grads = jax.tree.map(lambda g: g / num_microbatches, grad_sum)
+    loss = loss_sum / num_microbatches
+    return loss, {"loss": loss}, grads
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    loss, metrics, grads = accumulated_grads(state.params, batch, step_rng)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+    # A non-finite loss or gradient skips the whole update (params, optimizer, EMA).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      ema_params=keep(new_ema, state.ema_params),
+      consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
+      total_nonfinite=state.total_nonfinite + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+      metrics,
+      grad_norm=grad_norm,
+      learning_rate=learning_rate_fn(state.step),
+      nonfinite_skipped=new_state.total_nonfinite,
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+# ================================================================================================
+# Setup: validation, mesh, sharded init, AOT compile
+# ================================================================================================
+
+
+def validate_config(
+  model_dir: str, data_dir: str, batch_size: int, num_microbatches: int, mesh: Mesh
+) -> None:
+  """Cheap checks that must fail before anything is compiled, with the fix in the message."""
+  if not model_dir:
+    raise ValueError("MODEL_DIR is empty: pass --gin.MODEL_DIR=\"'/path/or/gs://bucket/run'\"")
+  if not data_dir:
+    raise ValueError("DATA is empty: pass --gin.DATA=\"'/path/to/precomputed'\"")
+  dp = parallel.data_parallel_size(mesh)
+  if batch_size % dp:
+    raise ValueError(
+      f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size {dp} "
+      f"(mesh {dict(mesh.shape)}: data × fsdp); use a multiple of {dp}"
+    )
+  if batch_size % jax.process_count():
+    raise ValueError(
+      f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} processes"
+    )
+  if num_microbatches < 1 or (batch_size // dp) % num_microbatches:
+    raise ValueError(
+      f"num_microbatches={num_microbatches} must divide the per-replica batch {batch_size // dp}"
+    )
+
+
+def init_train_state(
+  stage: Stage,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  batch_shapes: dict,
+  rng: jax.Array,
+) -> tuple[TrainState, Any]:
+  """Initialises the train state directly into its shardings.
+
+  Parameter shardings come from the network's logical axis names; optimizer-state shardings
+  are what XLA propagates from them (mirroring params for Adam, factored for Adafactor).
+
+  Returns:
+    (state, state shardings).
+  """
+
+  def init_fn(rng):
+    params = nn.unbox(stage.init_params(rng, batch_shapes))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      ema_params=params,
+      consecutive_nonfinite=jnp.zeros((), jnp.int32),
+      total_nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+  def boxed_params(rng):
+    return stage.init_params(rng, batch_shapes)
+
+  _, param_shardings = parallel.abstract_and_shardings(boxed_params, mesh, rng)
+
+  def constrained_init(rng):
+    state = init_fn(rng)
+    return state.replace(
+      params=jax.lax.with_sharding_constraint(state.params, param_shardings),
+      ema_params=jax.lax.with_sharding_constraint(state.ema_params, param_shardings),
+    )
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    compiled = jax.jit(constrained_init).lower(rng).compile()
+    state = compiled(rng)
+  # Optimizer-state layouts are what XLA propagated from the parameter constraints.
+  shardings = compiled.output_shardings.replace(params=param_shardings, ema_params=param_shardings)
+  return state, shardings
+
+
+# ================================================================================================
+# The job
+# ================================================================================================
+
+
+@dataclasses.dataclass
+class _Preemption:
+  """SIGTERM → finish the current step, save, exit 0."""
+
+  requested: bool = False
+
+  def install(self) -> None:
+    if jax.process_count() == 1:  # multi-host runs use orbax's synchronised notice
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+    self.requested = True
+
+
+def train(
+  *,
+  model_dir: str,
+  data_dir: str,
+  stage: StageConfig,
+  network: nn.Module,
+  batch_size: int,
+  num_train_steps: int,
+  mesh: Mesh | None = None,
+  optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
+  max_length: int = 128,
+  text_dim: int = 4096,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = True,
+  num_microbatches: int = 1,
+  seed: int = 0,
+  data_seed: int | None = None,
+  checkpoint_every: int = 5000,
+  keep_checkpoints: int = 3,
+  async_checkpointing: bool = True,
+  log_every: int = 100,
+  sample_every: int = 0,
+  num_sample_images: int = 8,
+  sample_steps: int = 64,
+  sample_guidance_weight: float = 3.0,
+  max_consecutive_nonfinite: int = 20,
+  text_encoder: Any = None,
+  tfds_name: str | None = None,
+  max_steps_this_run: int | None = None,
+) -> dict[str, float]:
+  """Trains one cascade stage; resumes from MODEL_DIR's latest checkpoint automatically.
+
+  Args:
+    model_dir: where checkpoints, TensorBoard events and sample grids go (local or gs://).
+    data_dir: precomputed shards (or a TFDS dir with `text_encoder` for on-the-fly text).
+    stage: the stage's diffusion recipe.
+    network: the U-Net module.
+    batch_size: global batch size (all processes).
+    num_train_steps: total steps of the run (the job stops there; rerunning continues).
+    mesh: device mesh (default: all devices on the data axis).
+    optimizer: (transformation, lr schedule) from `optim.make_optimizer`.
+    max_length / text_dim: text sequence length and embedding width the data must have.
+    ema_decay / ema_warmup: EMA of the params (paper 0.9999).
+    num_microbatches: gradient accumulation steps per update.
+    seed / data_seed: model RNG seed / shuffling seed (default: seed).
+    checkpoint_every / keep_checkpoints / async_checkpointing: checkpoint policy.
+    log_every: console + TensorBoard period (steps).
+    sample_every: write an EMA sample grid every N steps (0 = never).
+    num_sample_images / sample_steps / sample_guidance_weight: the sample grid's settings.
+    max_consecutive_nonfinite: stop after this many skipped (non-finite) updates in a row.
+    text_encoder: encode captions on the fly instead of reading precomputed embeddings.
+    tfds_name: with `text_encoder`, the TFDS dataset name to read from data_dir.
+    max_steps_this_run: stop after this many steps in this process (for tests/preemptible
+      slices); the run continues on the next launch.
+
+  Returns:
+    The last logged metrics.
+  """
+  from imagen_jax.data import input_pipeline  # TF-heavy: import when the job runs
+
+  t_start = time.time()
+  mesh = mesh if mesh is not None else parallel.create_mesh()
+  validate_config(model_dir, data_dir, batch_size, num_microbatches, mesh)
+  if optimizer is None:
+    from imagen_jax import optim
+
+    optimizer = optim.make_optimizer()
+  tx, lr_fn = optimizer
+  stage_obj = Stage(network, stage)
+  is_main = jax.process_index() == 0
+
+  # --- data (validated before any compilation) ---------------------------------------------
+  per_process_batch = batch_size // jax.process_count()
+  data_iter = input_pipeline.make_train_iterator(
+    data_dir,
+    batch_size=per_process_batch,
+    resolution=stage.train_resolution,
+    lowres_resolution=stage.train_lowres_resolution,
+    crop_size=stage.train_crop,
+    full_resolution=stage.resolution,
+    max_length=max_length,
+    seed=seed if data_seed is None else data_seed,
+    text_encoder=text_encoder,
+    tfds_name=tfds_name,
+    expected_text_dim=text_dim,
+  )
+
+  # --- sharded init + AOT compile ----------------------------------------------------------
+  batch_shapes = stage_obj.dummy_batch(batch_size, max_length, text_dim)
+  rng = jax.random.PRNGKey(seed)
+  init_rng, train_rng = jax.random.split(rng)
+  state, state_shardings = init_train_state(stage_obj, tx, mesh, batch_shapes, init_rng)
+  batch_shardings = {
+    k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()
+  }
+  step_fn = make_train_step(stage_obj, tx, lr_fn, ema_decay, ema_warmup, num_microbatches)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, parallel.replicated(mesh)),
+      out_shardings=(state_shardings, parallel.replicated(mesh)),
+      donate_argnums=(0,),
+    )
+    compiled = jitted.lower(state, batch_shapes, train_rng).compile()
+  flops_per_step = perf.compiled_flops(compiled)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  if is_main:
+    log.info(
+      "stage %s: %s params, %s FLOPs/step, compiled in %.1fs",
+      stage.name,
+      f"{num_params:,}",
+      f"{flops_per_step:.3e}" if flops_per_step else "n/a",
+      time.time() - t_start,
+    )
+
+  # --- restore -----------------------------------------------------------------------------
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(model_dir, "checkpoints"),
+    max_to_keep=keep_checkpoints,
+    save_interval_steps=checkpoint_every,
+    async_save=async_checkpointing,
+  )
+  abstract_state = checkpoints.abstract_with_shardings(
+    state.replace(ema_params=None), state_shardings.replace(ema_params=None)
+  )
+  abstract_ema = checkpoints.abstract_with_shardings(state.ema_params, state_shardings.ema_params)
+  restored = ckpt.restore_latest(abstract_state, abstract_ema)
+  if restored is not None:
+    step0, (saved_state, saved_ema, iter_state, _) = restored
+    state = saved_state.replace(ema_params=saved_ema)
+    data_iter.set_state(iter_state)
+    if is_main:
+      log.info("resumed from %s at step %d", ckpt.directory, step0)
+  config_text = _operative_config()
+  start_step = int(state.step)
+
+  # --- loop --------------------------------------------------------------------------------
+  writer = _SummaryWriter(os.path.join(model_dir, "tensorboard")) if is_main else None
+  preemption = _Preemption()
+  preemption.install()
+  sample_cond = None
+  last_metrics: dict[str, float] = {}
+  device_peak = perf.peak_flops_per_device(jax.devices()[0])
+  num_devices = jax.device_count()
+  end_step = num_train_steps
+  if max_steps_this_run is not None:
+    end_step = min(num_train_steps, start_step + max_steps_this_run)
+  progress = perf.Progress(start_step, num_train_steps, enabled=is_main)
+  window_start, window_steps = time.time(), 0
+
+  def save(step: int, force: bool) -> None:
+    saved = ckpt.save(
+      step,
+      state.replace(ema_params=None),
+      state.ema_params,
+      data_iter.get_state(),
+      config_text,
+      force=force,
+    )
+    if saved and is_main:
+      log.info("checkpoint step %d → %s", step, ckpt.directory)
+
+  step = start_step
+  try:
+    while step < end_step:
+      host_batch = next(data_iter)
+      if sample_cond is None:
+        sample_cond = _fixed_sample_condition(host_batch, num_sample_images)
+      batch = input_pipeline.to_global_batch(
+        {k: host_batch[k] for k in batch_shapes}, mesh, batch_shardings
+      )
+      state, metrics = compiled(state, batch, train_rng)
+      step += 1
+      window_steps += 1
+      ckpt_due = ckpt.should_save(step)
+      if step % log_every == 0 or step == end_step or ckpt_due:
+        metrics = jax.device_get(metrics)
+        elapsed = time.time() - window_start
+        scalars = perf.throughput_scalars(
+          metrics, window_steps, elapsed, batch_size, num_devices, flops_per_step, device_peak
+        )
+        last_metrics = scalars
+        progress.update(step, scalars)
+        if writer:
+          writer.write(step, scalars)
+        window_start, window_steps = time.time(), 0
+        bad = int(jax.device_get(state.consecutive_nonfinite))
+        if bad >= max_consecutive_nonfinite:
+          raise TrainingError(
+            f"{bad} consecutive non-finite losses/gradients up to step {step}; updates were "
+            f"skipped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. "
+            "Lower the learning rate or check the data, then rerun to resume."
+          )
+      if sample_every and step % sample_every == 0 and is_main:
+        _write_sample_grid(
+          stage_obj,
+          state.ema_params,
+          sample_cond,
+          step,
+          model_dir,
+          mesh,
+          sample_steps,
+          sample_guidance_weight,
+        )
+      if preemption.requested or ckpt.reached_preemption(step):
+        save(step, force=True)
+        ckpt.wait_until_finished()
+        log.warning("preempted: checkpoint at step %d written; exiting", step)
+        return last_metrics
+      if ckpt_due:
+        save(step, force=False)
+    if ckpt.latest_step() != step:
+      save(step, force=True)
+  finally:
+    ckpt.close()
+    progress.close()
+    if writer:
+      writer.close()
+  return last_metrics
+
+
+# ================================================================================================
+# Helpers: config text, summaries, sample grids
+# ================================================================================================
+
+
+def _operative_config() -> str:
+  try:
+    import gin
+
+    return gin.config_str()
+  except Exception:  # gin not configured (direct Python call)
+    return ""
+
+
+class _SummaryWriter:
+  """TensorBoard scalars via tf.summary (works for local and gs:// dirs)."""
+
+  def __init__(self, logdir: str):
+    import tensorflow as tf
+
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(logdir)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    with self._writer.as_default(step=step):
+      for name, value in scalars.items():
+        if value is not None and np.isfinite(value):
+          self._tf.summary.scalar(name, value)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _fixed_sample_condition(host_batch: dict, n: int) -> dict:
+  """The first n examples of the run's first batch: fixed prompts for the sample grids."""
+  keys = ("text_emb", "text_mask", "lowres", "image")
+  return {k: np.asarray(host_batch[k][:n]) for k in keys if k in host_batch}
+
+
+def _write_sample_grid(
+  stage: Stage,
+  ema_params: Any,
+  cond: dict,
+  step: int,
+  model_dir: str,
+  mesh: Mesh,
+  sample_steps: int,
+  guidance_weight: float,
+) -> None:
+  """Samples the fixed prompts with the EMA params and writes samples/step_N.png.
+
+  Rows: (SR stages) the low-res input, then the sample, then the training image.
+  """
+  config = samplers.SamplerConfig(
+    sampler="ddim", num_steps=sample_steps, guidance_weight=guidance_weight
+  )
+  with jax.set_mesh(mesh):
+    out = stage.sample(
+      ema_params,
+      jnp.asarray(cond["text_emb"]),
+      jnp.asarray(cond["text_mask"]),
+      jax.random.PRNGKey(step),
+      config,
+      lowres=jnp.asarray(cond["lowres"]) if "lowres" in cond else None,
+    )
+  out = images.to_uint8(jax.device_get(out))
+  res = out.shape[1]
+  rows = []
+  if "lowres" in cond:
+    rows.append(np.stack([images.resize_nearest(x, res) for x in images.to_uint8(cond["lowres"])]))
+  rows.append(out)
+  if "image" in cond and cond["image"].shape[1] == res:
+    rows.append(images.to_uint8(cond["image"]))
+  grid = images.make_grid(np.concatenate(rows), columns=out.shape[0])
+  images.save_png(grid, os.path.join(model_dir, "samples", f"step_{step:08d}.png"))
+
+
+@functools.cache
+def configurable_train() -> Callable[..., dict]:
+  """`train` as gin sees it (bindings under `train.train.*`)."""
+  import gin
+
+  return gin.get_configurable(train)

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from imagen_jax import gin_utils
 
 # name -> (module, one-line help). Add a subcommand by adding its line here.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+  "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
+  "precompute": ("imagen_jax.data.precompute", "encode captions once and write resumable shards"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

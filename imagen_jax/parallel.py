@@ -145,3 +145,26 @@ def sharded_init(init_fn, mesh: Mesh, *args, rules: Sequence[tuple[str, Any]] = 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return tree, shardings
+
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Starts multi-host JAX before any backend is touched.
+
+  On TPU pods and SLURM clusters all three arguments may be None (JAX reads the environment).
+  On CPU (local multi-process runs) the collectives go through gloo.
+  """
+  if num_processes is not None and num_processes <= 1 and coordinator_address is None:
+    return
+  if coordinator_address and (
+    "127.0.0.1" in coordinator_address or "localhost" in coordinator_address
+  ):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+  )

@@ -162,6 +162,17 @@ def validate_config(
     )
 
 
+def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int) -> None:
+  """The data's text length and width must be the ones the network is built for."""
+  emb_shape = shapes["text_emb"][0]
+  if tuple(emb_shape[-2:]) != (max_length, text_dim):
+    raise ValueError(
+      f"the data's text embeddings are [{emb_shape[-2]}, {emb_shape[-1]}] per example but the "
+      f"config expects max_length={max_length}, text_dim={text_dim}; set MAX_LENGTH / TEXT_DIM "
+      "to match the precompute manifest"
+    )
+
+
 def init_train_state(
   stage: Stage,
   optimizer: optax.GradientTransformation,
@@ -258,6 +269,7 @@ def train(
   max_consecutive_nonfinite: int = 20,
   text_encoder: Any = None,
   tfds_name: str | None = None,
+  expected_encoder: dict | None = None,
   max_steps_this_run: int | None = None,
 ) -> dict[str, float]:
   """Trains one cascade stage; resumes from MODEL_DIR's latest checkpoint automatically.
@@ -282,13 +294,15 @@ def train(
     max_consecutive_nonfinite: stop after this many skipped (non-finite) updates in a row.
     text_encoder: encode captions on the fly instead of reading precomputed embeddings.
     tfds_name: with `text_encoder`, the TFDS dataset name to read from data_dir.
+    expected_encoder: text-encoder identity the precomputed embeddings must match (any subset
+      of `TextEncoder.identity()`, e.g. {'size': 'xxl', 'max_length': 128}).
     max_steps_this_run: stop after this many steps in this process (for tests/preemptible
       slices); the run continues on the next launch.
 
   Returns:
     The last logged metrics.
   """
-  from imagen_jax.data import input_pipeline  # TF-heavy: import when the job runs
+  from imagen_jax.data import global_batch, input_pipeline  # TF-heavy: import when the job runs
 
   t_start = time.time()
   mesh = mesh if mesh is not None else parallel.create_mesh()
@@ -306,16 +320,16 @@ def train(
   data_iter = input_pipeline.make_train_iterator(
     data_dir,
     batch_size=per_process_batch,
-    resolution=stage.train_resolution,
-    lowres_resolution=stage.train_lowres_resolution,
+    resolution=stage.resolution,
+    lowres_resolution=stage.lowres_resolution,
     crop_size=stage.train_crop,
-    full_resolution=stage.resolution,
     max_length=max_length,
     seed=seed if data_seed is None else data_seed,
     text_encoder=text_encoder,
     tfds_name=tfds_name,
-    expected_text_dim=text_dim,
+    expected_encoder=expected_encoder,
   )
+  _check_batch_shapes(data_iter.batch_shapes(), max_length, text_dim)
 
   # --- sharded init + AOT compile ----------------------------------------------------------
   batch_shapes = stage_obj.dummy_batch(batch_size, max_length, text_dim)
@@ -398,9 +412,7 @@ def train(
       host_batch = next(data_iter)
       if sample_cond is None:
         sample_cond = _fixed_sample_condition(host_batch, num_sample_images)
-      batch = input_pipeline.to_global_batch(
-        {k: host_batch[k] for k in batch_shapes}, mesh, batch_shardings
-      )
+      batch = global_batch.to_global_batch({k: host_batch[k] for k in batch_shapes}, mesh)
       state, metrics = compiled(state, batch, train_rng)
       step += 1
       window_steps += 1

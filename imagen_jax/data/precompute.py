@@ -204,6 +204,9 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
       if shards.shard_is_complete(path):
         skipped += 1
       else:
+        # Leftovers of a killed run; only this process ever writes shard s, so they are ours.
+        for stale in tf.io.gfile.glob(path + ".tmp-*"):
+          tf.io.gfile.remove(stale)
         todo.append((split, s, path))
   total = sum(len(plans[split][s]) for split, s, _ in todo)
   logger.info("precompute: %d shards to write, %d already complete", len(todo), skipped)
@@ -248,12 +251,8 @@ def _load_encoder(cfg: PrecomputeConfig):
   from imagen_jax import parallel
   from imagen_jax.text import encoder as text_encoder
 
-  checkpoint = cfg.t5_checkpoint
-  if checkpoint == "none":
-    # Random weights: for demos and tests; the manifest records it so training can tell.
-    checkpoint = os.path.join(cfg.out, f"random_t5_{cfg.t5_size}")
-    if not os.path.exists(checkpoint):
-      text_encoder.write_random_checkpoint(checkpoint, cfg.t5_size, seed=0)
+  # 'none' = random weights (demos, tests); the manifest's encoder identity records it.
+  checkpoint = None if cfg.t5_checkpoint == "none" else cfg.t5_checkpoint
   mesh = parallel.create_mesh(data=-1, devices=jax.local_devices())
   return text_encoder.load_text_encoder(
     checkpoint, cfg.vocab, size=cfg.t5_size, max_length=cfg.max_length, mesh=mesh

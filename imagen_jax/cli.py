@@ -21,6 +21,7 @@ from imagen_jax import gin_utils
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
   "precompute": ("imagen_jax.data.precompute", "encode captions once and write resumable shards"),
+  "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
 }
 
 

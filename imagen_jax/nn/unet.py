@@ -1,0 +1,237 @@
+"""The base text-conditioned U-Net (Imagen Appendix F.1; ADM architecture).
+
+ADM layout: `num_res_blocks` BigGAN residual blocks per level, resampling with residual blocks
+(`resblock_updown`), scale-shift norm, attention with 64 channels per head at the chosen
+resolutions whose keys/values are extended with the LayerNorm'd, projected text sequence, and a
+middle block (res, attention, res). The attention-pooled text vector joins the noise-level
+embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from imagen_jax.nn import layers
+
+Dtype = Any
+
+
+class UNet(nn.Module):
+  """ADM-style text-conditioned U-Net; base 64x64 model of the cascade.
+
+  Attributes:
+    image_size: training resolution (attention_resolutions refer to it).
+    in_channels: channels of x (3 for RGB).
+    out_channels: channels of the prediction.
+    channels: base width (paper: 512).
+    channel_mult: width multiplier per resolution level (paper: (1, 2, 3, 4)).
+    num_res_blocks: residual blocks per level (paper: 3).
+    attention_resolutions: resolutions with attention (paper: (32, 16, 8)).
+    text_attention: extend those attention layers' K/V with the text sequence.
+    head_dim: channels per attention head (paper: 64).
+    emb_dim: noise-level embedding width (default 4 * channels).
+    cond_dim: width the text sequence is projected to (default emb_dim).
+    text_dim: width of the incoming text embeddings (T5-XXL: 4096).
+    dropout: residual-block dropout rate (rng name 'dropout').
+    resblock_updown: resample with residual blocks (BigGAN) rather than plain convs.
+    norm_groups: GroupNorm groups (fewer for tiny widths).
+    lowres_factor: None for a base model; an integer to condition on a low-res image.
+    resize_method: `jax.image.resize` method for the low-res image.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    remat: rematerialise each block in the backward pass.
+    remat_policy: name of the `jax.checkpoint_policies` policy used with remat.
+  """
+
+  image_size: int = 64
+  in_channels: int = 3
+  out_channels: int = 3
+  channels: int = 512
+  channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+  num_res_blocks: int = 3
+  attention_resolutions: tuple[int, ...] = (32, 16, 8)
+  text_attention: bool = True
+  head_dim: int = 64
+  emb_dim: int | None = None
+  cond_dim: int | None = None
+  text_dim: int = 4096
+  dropout: float = 0.0
+  resblock_updown: bool = True
+  norm_groups: int = 32
+  lowres_factor: int | None = None
+  resize_method: str = "bicubic"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+
+  def __post_init__(self):
+    self.validate_config()
+    super().__post_init__()
+
+  @property
+  def is_super_resolution(self) -> bool:
+    """Whether the network is conditioned on a low-res image."""
+    return self.lowres_factor is not None
+
+  @property
+  def lowres_size(self) -> int | None:
+    """Training resolution of the low-res conditioning image (None for a base model)."""
+    return None if self.lowres_factor is None else self.image_size // self.lowres_factor
+
+  @property
+  def total_downsampling(self) -> int:
+    """Factor between the input resolution and the lowest level's resolution."""
+    return 2 ** (len(self.channel_mult) - 1)
+
+  def validate_config(self) -> None:
+    """Raises ValueError naming the config value that cannot work."""
+    name = type(self).__name__
+    if not self.channel_mult:
+      raise ValueError(f"{name}: channel_mult must list at least one level")
+    if self.image_size % self.total_downsampling:
+      raise ValueError(
+        f"{name}: image_size={self.image_size} must be divisible by the total downsampling "
+        f"{self.total_downsampling} (2**(len(channel_mult)-1), channel_mult={self.channel_mult})"
+      )
+    levels = [self.image_size // 2**i for i in range(len(self.channel_mult))]
+    bad = [r for r in self.attention_resolutions if r not in levels]
+    if bad:
+      raise ValueError(
+        f"{name}: attention_resolutions={self.attention_resolutions} has {bad}, which never "
+        f"occur; the levels of image_size={self.image_size} with channel_mult="
+        f"{self.channel_mult} are {levels}"
+      )
+    for m in self.channel_mult:
+      if (self.channels * m) % self.head_dim:
+        raise ValueError(
+          f"{name}: width channels*mult={self.channels * m} must be divisible by "
+          f"head_dim={self.head_dim}"
+        )
+    if self.lowres_factor is not None and (
+      self.lowres_factor < 1 or self.image_size % self.lowres_factor
+    ):
+      raise ValueError(
+        f"{name}: lowres_factor={self.lowres_factor} must be a positive divisor of "
+        f"image_size={self.image_size}"
+      )
+    layers.remat_policy(self.remat_policy)
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    log_snr: jax.Array,
+    text_emb: jax.Array,
+    text_mask: jax.Array,
+    lowres: jax.Array | None = None,
+    lowres_aug_log_snr: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> jax.Array:
+    """Predicts the diffusion target (eps or v) for a noisy image.
+
+    Args:
+      x: [B, H, W, in_channels] noisy image.
+      log_snr: [B] log-SNR of x's noise level.
+      text_emb: [B, L, text_dim] text encoder output (zeros for a dropped caption).
+      text_mask: [B, L] bool, False = padding (all False for a dropped caption).
+      lowres: [B, H/lowres_factor, W/lowres_factor, C] low-res image (SR only).
+      lowres_aug_log_snr: [B] log-SNR of the low-res image's augmentation noise (SR only).
+      deterministic: disable dropout.
+
+    Returns:
+      [B, H, W, out_channels] float32 prediction.
+    """
+    name = type(self).__name__
+    layers.validate_conditioning(name, x, log_snr, text_emb, text_mask, self.text_dim)
+    layers.validate_lowres(name, x, lowres, lowres_aug_log_snr, self.lowres_factor)
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(
+        f"{name}: x has {x.shape[-1]} channels; config in_channels={self.in_channels}"
+      )
+    ds_total = self.total_downsampling
+    if x.shape[1] % ds_total or x.shape[2] % ds_total:
+      raise ValueError(
+        f"{name}: input {x.shape[1]}x{x.shape[2]} must be divisible by the total downsampling "
+        f"{ds_total} (channel_mult={self.channel_mult})"
+      )
+
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    emb_dim = self.emb_dim or 4 * self.channels
+    cond_dim = self.cond_dim or emb_dim
+    emb, text, text_mask, h = layers.Conditioning(
+      self.channels,
+      emb_dim,
+      cond_dim,
+      self.lowres_factor,
+      self.resize_method,
+      name="conditioning",
+      **kw,
+    )(x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr)
+
+    res_cls = layers.maybe_remat(layers.ResBlock, self.remat, self.remat_policy)
+    attn_cls = layers.maybe_remat(layers.SpatialAttention, self.remat, self.remat_policy)
+    attn_kind = "self_text" if self.text_attention else "self"
+    # Attention resolutions are given at the training size; keep them as downsampling factors.
+    attn_ds = {self.image_size // r for r in self.attention_resolutions}
+
+    def res(out, resample="none", name=None):
+      return res_cls(
+        out,
+        self.dropout,
+        resample,
+        self.norm_groups,
+        deterministic,
+        name=name,
+        **kw,
+      )
+
+    def attn(h, name):
+      heads = h.shape[-1] // self.head_dim
+      text_args = () if attn_kind == "self" else (text, text_mask)
+      return attn_cls(attn_kind, heads, self.norm_groups, name=name, **kw)(h, *text_args)
+
+    h = layers.conv(self.channels, 3, in_axis="image_channels", name="conv_in", **kw)(h)
+    hs = [h]
+    ds = 1
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = res(self.channels * mult, name=f"down_{level}_res_{i}")(h, emb)
+        if ds in attn_ds:
+          h = attn(h, f"down_{level}_attn_{i}")
+        hs.append(h)
+      if level != len(self.channel_mult) - 1:
+        if self.resblock_updown:
+          h = res(h.shape[-1], "down", name=f"down_{level}_resample")(h, emb)
+        else:
+          h = layers.Resample(h.shape[-1], "down", name=f"down_{level}_resample", **kw)(h)
+        hs.append(h)
+        ds *= 2
+
+    h = res(h.shape[-1], name="mid_res_0")(h, emb)
+    h = attn(h, "mid_attn")
+    h = res(h.shape[-1], name="mid_res_1")(h, emb)
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res(self.channels * mult, name=f"up_{level}_res_{i}")(h, emb)
+        if ds in attn_ds:
+          h = attn(h, f"up_{level}_attn_{i}")
+      if level != 0:
+        if self.resblock_updown:
+          h = res(h.shape[-1], "up", name=f"up_{level}_resample")(h, emb)
+        else:
+          h = layers.Resample(h.shape[-1], "up", name=f"up_{level}_resample", **kw)(h)
+        ds //= 2
+
+    h = layers.GroupNorm(self.norm_groups, param_dtype=self.param_dtype, name="norm_out")(h)
+    h = nn.silu(h).astype(self.dtype)
+    out = layers.conv(
+      self.out_channels, 3, zero_init=True, out_axis="image_channels", name="conv_out", **kw
+    )(h)
+    return out.astype(jnp.float32)

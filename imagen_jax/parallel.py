@@ -128,7 +128,9 @@ def abstract_and_shardings(
   `init_fn` returns a pytree possibly holding `nn.Partitioned` boxes (from
   `nn.with_logical_partitioning`). Returns (abstract unboxed tree, NamedSharding tree).
   """
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  # No mesh context here: names are read from the boxes, and flax's in-init constraints on
+  # reshaped kernels (DenseGeneral) are not meaningful before the layout is decided.
+  with nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init_fn, *args)
   logical_specs = nn.get_partition_spec(boxed)
   shardings = logical_to_shardings(logical_specs, mesh, rules)
@@ -142,7 +144,7 @@ def sharded_init(init_fn, mesh: Mesh, *args, rules: Sequence[tuple[str, Any]] = 
     (unboxed initialised tree, its NamedSharding tree).
   """
   _, shardings = abstract_and_shardings(init_fn, mesh, *args, rules=rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(rules):
     tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return tree, shardings
 
@@ -168,3 +170,8 @@ def initialize_distributed(
     num_processes=num_processes,
     process_id=process_id,
   )
+
+
+def first_device() -> list[jax.Device]:
+  """Just the first device (a one-device mesh on a multi-device host)."""
+  return jax.devices()[:1]

@@ -212,7 +212,7 @@ def init_train_state(
       ema_params=jax.lax.with_sharding_constraint(state.ema_params, param_shardings),
     )
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+  with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     compiled = jax.jit(constrained_init).lower(rng).compile()
     state = compiled(rng)
   # Optimizer-state layouts are what XLA propagated from the parameter constraints.
@@ -271,6 +271,8 @@ def train(
   tfds_name: str | None = None,
   expected_encoder: dict | None = None,
   max_steps_this_run: int | None = None,
+  record_example_keys: bool = False,
+  debug_step_delay_s: float = 0.0,
 ) -> dict[str, float]:
   """Trains one cascade stage; resumes from MODEL_DIR's latest checkpoint automatically.
 
@@ -382,6 +384,10 @@ def train(
 
   # --- loop --------------------------------------------------------------------------------
   writer = _SummaryWriter(os.path.join(model_dir, "tensorboard")) if is_main else None
+  metrics_log = _JsonLines(os.path.join(model_dir, "metrics.jsonl"))
+  keys_log = _JsonLines(
+    os.path.join(model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
+  )
   preemption = _Preemption()
   preemption.install()
   sample_cond = None
@@ -416,6 +422,10 @@ def train(
       state, metrics = compiled(state, batch, train_rng)
       step += 1
       window_steps += 1
+      if record_example_keys:
+        keys_log.write(step, host_batch.get("key"))
+      if debug_step_delay_s:
+        time.sleep(debug_step_delay_s)
       ckpt_due = ckpt.should_save(step)
       if step % log_every == 0 or step == end_step or ckpt_due:
         metrics = jax.device_get(metrics)
@@ -427,6 +437,7 @@ def train(
         progress.update(step, scalars)
         if writer:
           writer.write(step, scalars)
+          metrics_log.write(step, scalars)
         window_start, window_steps = time.time(), 0
         bad = int(jax.device_get(state.consecutive_nonfinite))
         if bad >= max_consecutive_nonfinite:
@@ -475,6 +486,29 @@ def _operative_config() -> str:
     return gin.config_str()
   except Exception:  # gin not configured (direct Python call)
     return ""
+
+
+class _JsonLines:
+  """Appends {'step': N, ...} records to a JSON-lines file (created on first write)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, step: int, value: Any) -> None:
+    import json
+
+    import tensorflow as tf
+
+    if isinstance(value, dict):
+      record = {"step": step, **value}
+    else:
+      keys = (
+        [] if value is None else [k.decode() if isinstance(k, bytes) else str(k) for k in value]
+      )
+      record = {"step": step, "keys": keys}
+    tf.io.gfile.makedirs(os.path.dirname(self.path))
+    with tf.io.gfile.GFile(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 class _SummaryWriter:

@@ -292,3 +292,50 @@ def param_count(config: T5Config) -> int:
     lambda: T5Encoder(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
   )
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes))))
+
+
+def init_params(config: T5Config, rng: jax.Array) -> dict[str, Any]:
+  """Random encoder parameters with T5X's init scales, as a plain (unboxed) float32 tree.
+
+  Built from a single normal draw (no truncated normals), which compiles in a fraction of the
+  time of `T5Encoder.init`; jit it with `out_shardings` to create the weights already sharded.
+  Norm scales are 1; embedding N(0, 1); kernels N(0, 1/fan_in), the query's also / head_dim
+  (T5 folds 1/sqrt(head_dim) into it); the relative-position table N(0, 1/heads).
+
+  Args:
+    config: the encoder size.
+    rng: a PRNG key.
+
+  Returns:
+    The `params` collection of `T5Encoder(config)`.
+  """
+  shapes = jax.eval_shape(
+    lambda: T5Encoder(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  )
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(shapes)["params"])[0]
+  }
+  # One normal draw for all tensors, sliced up: a draw per tensor compiles far slower on CPU.
+  names = sorted(flat)
+  sizes = [int(np.prod(flat[n].shape)) for n in names]
+  noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  offsets = np.cumsum([0] + sizes)
+  out = {}
+  for name, start, size in zip(names, offsets[:-1], sizes):
+    shape = flat[name].shape
+    if name.endswith("/scale"):
+      out[name] = jnp.ones(shape, jnp.float32)
+      continue
+    std = 1.0 if name == "token_embedder/embedding" else 1.0 / math.sqrt(shape[0])
+    if name.endswith("attention/query/kernel"):
+      std /= math.sqrt(config.head_dim)
+    out[name] = std * jax.lax.dynamic_slice_in_dim(noise, int(start), size).reshape(shape)
+  tree: dict[str, Any] = {}
+  for name, value in out.items():
+    node = tree
+    *parents, leaf_name = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf_name] = value
+  return tree

@@ -186,11 +186,12 @@ def load_text_encoder(
       size,
       seed,
     )
-    params, _ = parallel.sharded_init(init_fn, mesh, jax.random.key(seed))
-    cast = jax.jit(
-      lambda p: jax.tree.map(lambda x: x.astype(jdtype), p), out_shardings=param_shardings
+    # Drawn straight into the parameter shardings: never materialised on one device.
+    random_init = jax.jit(
+      lambda rng: jax.tree.map(lambda x: x.astype(jdtype), t5.init_params(config, rng)),
+      out_shardings=param_shardings,
     )
-    params = cast(params["params"])
+    params = random_init(jax.random.key(seed))
     source, fmt = f"random:{seed}", "random"
   else:
     flat_shardings = traverse_util.flatten_dict(param_shardings, sep="/")

@@ -478,8 +478,8 @@ def random_params(config: t5.T5Config, seed: int = 0) -> dict[str, np.ndarray]:
 
   Norm scales are drawn around 1 (not left at 1) so a mis-mapped scale changes the output.
   """
-  variables = t5.T5Encoder(config).init(jax.random.key(seed), jnp.ones((1, 4), jnp.int32))
-  flat = traverse_util.flatten_dict(nn.unbox(variables)["params"], sep="/")
+  params = jax.jit(lambda rng: t5.init_params(config, rng))(jax.random.key(seed))
+  flat = traverse_util.flatten_dict(params, sep="/")
   rng = np.random.default_rng(seed)
   out = {}
   for name in sorted(flat):

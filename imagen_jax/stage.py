@@ -233,6 +233,7 @@ class Stage:
     aug_level: float | None = None,
     resolution: int | None = None,
     init_noise: jax.Array | None = None,
+    uncond_text: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     """Samples images [B, R, R, 3] in [−1, 1] for a batch of text conditions.
 
@@ -245,6 +246,9 @@ class Stage:
       lowres: SR stages: [B, h, w, 3] images from the previous stage, in [−1, 1].
       aug_level: SR noise-conditioning level (default: the stage's `aug_sample_level`).
       resolution: output size (default: the stage's; SR stages infer it from `lowres`).
+      init_noise: z at t = 1 (default: drawn from `rng`).
+      uncond_text: (emb, mask) of guidance's unconditional branch, e.g. a negative prompt
+        (default: the dropped-text condition, as in training).
     """
     cfg = self.config
     sampler_config = dataclasses.replace(
@@ -268,7 +272,9 @@ class Stage:
     uncond = None
     if sampler_config.guidance_weight != 1.0:
       uncond = dict(cond)
-      uncond["text_emb"], uncond["text_mask"] = unconditional_like(text_emb, cond["text_mask"])
+      if uncond_text is None:
+        uncond_text = unconditional_like(text_emb, cond["text_mask"])
+      uncond["text_emb"], uncond["text_mask"] = uncond_text[0], uncond_text[1].astype(bool)
     return samplers.sample_jit(
       self.model_fn,
       params,

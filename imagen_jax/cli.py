@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
   "precompute": ("imagen_jax.data.precompute", "encode captions once and write resumable shards"),
   "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
+  "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
   "eval": ("imagen_jax.eval_shapes", "score sampled images against their prompts (shapes metric)"),
 }
 

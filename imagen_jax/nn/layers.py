@@ -106,6 +106,61 @@ def conv(
   )
 
 
+class Dense(nn.Module):
+  """A dense layer contracting the last `in_dims` input dims, with a full-rank logical kernel.
+
+  Unlike `nn.DenseGeneral` (which initialises a flattened 2-D kernel), the initialiser sees the
+  kernel's real shape, so multi-dim kernels such as [embed, heads, kv] carry one logical axis
+  name per dimension.
+
+  Attributes:
+    features: output feature dims (e.g. (heads, head_dim)).
+    kernel_axes: logical names of the kernel dims, contracted input dims first.
+    in_dims: how many trailing input dims are contracted.
+    zero_init: zero the kernel.
+    use_bias: add a bias (its axes are the output part of `kernel_axes`).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  in_dims: int = 1
+  zero_init: bool = False
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = tuple(x.shape[x.ndim - self.in_dims :])
+    kshape = in_shape + tuple(self.features)
+    if len(self.kernel_axes) != len(kshape):
+      raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {kshape}")
+    if self.zero_init:
+      init = nn.initializers.zeros_init()
+    else:
+      init = nn.initializers.variance_scaling(
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=tuple(range(self.in_dims)),
+        out_axis=tuple(range(self.in_dims, len(kshape))),
+      )
+    kernel = self.param("kernel", _partitioned(init, self.kernel_axes), kshape, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+        "bias",
+        _partitioned(nn.initializers.zeros_init(), self.kernel_axes[self.in_dims :]),
+        tuple(self.features),
+        self.param_dtype,
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(
   features: int | Sequence[int],
   kernel_axes: Sequence[str | None],
@@ -116,32 +171,34 @@ def dense(
   dtype: Dtype = jnp.float32,
   param_dtype: Dtype = jnp.float32,
   name: str | None = None,
-) -> nn.DenseGeneral:
-  """A `DenseGeneral` whose kernel has logical axes `kernel_axes` (inputs then outputs).
+) -> Dense:
+  """A `Dense` whose kernel has logical axes `kernel_axes` (inputs then outputs).
 
   Args:
     features: output feature dims (an int or a tuple, e.g. (heads, head_dim)).
     kernel_axes: logical names of the kernel dims, contracted input dims first.
-    axis: contracted input axes.
+    axis: contracted trailing input axes (-1, or (-2, -1) for [heads, kv] inputs).
     zero_init: zero the kernel.
-    use_bias: add a bias (its axes are the output part of `kernel_axes`).
+    use_bias: add a bias.
     dtype: compute dtype.
     param_dtype: parameter dtype.
     name: module name.
 
   Returns:
-    The `nn.DenseGeneral` module.
+    The `Dense` module.
   """
-  n_out = 1 if isinstance(features, int) else len(features)
-  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
-  return nn.DenseGeneral(
+  features = (features,) if isinstance(features, int) else tuple(features)
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if sorted(axes) != list(range(-len(axes), 0)):
+    raise ValueError(f"dense contracts trailing axes only, got axis={axis}")
+  return Dense(
     features,
-    axis=axis,
-    use_bias=use_bias,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    kernel_init=_partitioned(kernel_init, kernel_axes),
-    bias_init=_partitioned(nn.initializers.zeros_init(), tuple(kernel_axes)[-n_out:]),
+    tuple(kernel_axes),
+    len(axes),
+    zero_init,
+    use_bias,
+    dtype,
+    param_dtype,
     name=name,
   )
 

@@ -1,0 +1,158 @@
+"""`imagen-jax info`: parameter count, training FLOPs and compiled memory of a network config.
+
+Nothing is allocated: parameters come from `jax.eval_shape`, and one training step's gradient
+(forward + backward) is lowered and compiled ahead of time on abstract inputs, so XLA's
+`cost_analysis()` gives the FLOPs and `memory_analysis()` the per-device bytes.
+
+  imagen-jax info --gin_file=configs/models/sr256.gin [--remat] [--gin.K=V ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+from imagen_jax import gin_utils
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Flags of the `info` subcommand."""
+  gin_utils.add_gin_arguments(parser)
+  parser.add_argument(
+    "--remat",
+    action="store_true",
+    help="force per-block rematerialisation on (otherwise the config's remat is used)",
+  )
+  parser.add_argument("--batch_size", type=int, default=1, help="batch compiled for (default 1)")
+  parser.add_argument(
+    "--text_length", type=int, default=128, help="text sequence length (default 128)"
+  )
+  parser.add_argument(
+    "--params_only",
+    action="store_true",
+    help="print the parameter count only (skip the compile, which is slow for paper sizes)",
+  )
+
+
+def abstract_inputs(network, batch_size: int, text_length: int) -> list[Any]:
+  """ShapeDtypeStructs for a network call at its training resolution.
+
+  Args:
+    network: a UNet / EfficientUNet module.
+    batch_size: batch size.
+    text_length: text sequence length.
+
+  Returns:
+    [x, log_snr, text_emb, text_mask] (+ [lowres, lowres_aug_log_snr] for SR networks).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  b, s = batch_size, network.image_size
+  args = [
+    jax.ShapeDtypeStruct((b, s, s, network.in_channels), jnp.float32),
+    jax.ShapeDtypeStruct((b,), jnp.float32),
+    jax.ShapeDtypeStruct((b, text_length, network.text_dim), jnp.float32),
+    jax.ShapeDtypeStruct((b, text_length), jnp.bool_),
+  ]
+  if network.is_super_resolution:
+    lr = network.lowres_size
+    args += [
+      jax.ShapeDtypeStruct((b, lr, lr, network.in_channels), jnp.float32),
+      jax.ShapeDtypeStruct((b,), jnp.float32),
+    ]
+  return args
+
+
+def count_params(network, text_length: int = 8) -> int:
+  """Number of parameters, from `jax.eval_shape` (nothing allocated)."""
+  import jax
+  from flax import linen as nn
+
+  args = abstract_inputs(network, 1, text_length)
+  shapes = jax.eval_shape(network.init, jax.random.key(0), *args)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+def network_info(
+  network, batch_size: int = 1, text_length: int = 128, compile_step: bool = True
+) -> dict[str, Any]:
+  """Parameter count and (optionally) the compiled training-gradient cost of a network.
+
+  Args:
+    network: a UNet / EfficientUNet module.
+    batch_size: batch the gradient step is compiled for.
+    text_length: text sequence length.
+    compile_step: also lower + compile the gradient step (FLOPs, memory).
+
+  Returns:
+    dict with 'params', and with compile_step: 'train_flops_per_image', 'compile_seconds',
+    'argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes' (per device).
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  if batch_size < 1 or text_length < 1:
+    raise ValueError(f"batch_size={batch_size} and text_length={text_length} must be >= 1")
+  args = abstract_inputs(network, batch_size, text_length)
+  shapes = jax.eval_shape(network.init, jax.random.key(0), *args)
+  params = nn.unbox(shapes["params"])
+  info: dict[str, Any] = {"params": sum(math.prod(x.shape) for x in jax.tree.leaves(params))}
+  if not compile_step:
+    return info
+
+  def loss(p, rng, x, *cond):
+    out = network.apply({"params": p}, x, *cond, deterministic=False, rngs={"dropout": rng})
+    return jnp.mean(jnp.square(out - x))
+
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  start = time.perf_counter()
+  compiled = jax.jit(jax.grad(loss)).lower(params, key, *args).compile()
+  info["compile_seconds"] = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older jax returned one dict per device
+    cost = cost[0]
+  info["train_flops_per_image"] = float(cost.get("flops", float("nan"))) / batch_size
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    info["argument_bytes"] = int(mem.argument_size_in_bytes)
+    info["output_bytes"] = int(mem.output_size_in_bytes)
+    info["temp_bytes"] = int(mem.temp_size_in_bytes)
+    # Upper bound of what one device holds: inputs (params + batch), grads and scratch.
+    info["total_bytes"] = info["argument_bytes"] + info["output_bytes"] + info["temp_bytes"]
+  return info
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+  """Parses the gin config, builds its network and prints its cost."""
+  import gin
+
+  from imagen_jax.nn import factory
+
+  if not args.gin_file:
+    raise ValueError("info needs --gin_file=configs/models/<size>.gin")
+  gin_utils.parse_gin(args.gin_file, getattr(args, "gin_bindings", []))
+  network = gin.get_configurable(factory.network)()
+  if args.remat:
+    network = network.clone(remat=True)
+  info = network_info(network, args.batch_size, args.text_length, not args.params_only)
+  print(f"network: {type(network).__name__}")
+  print(f"image_size: {network.image_size}")
+  if network.is_super_resolution:
+    print(f"lowres_size: {network.lowres_size}")
+  print(f"remat: {network.remat} ({network.remat_policy})")
+  print(f"params: {info['params']}")
+  if "train_flops_per_image" in info:
+    print(f"train_flops_per_image: {info['train_flops_per_image']:.6g}")
+    print(f"compile_seconds: {info['compile_seconds']:.1f}")
+  for k in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes"):
+    if k in info:
+      print(f"{k}: {info[k]} ({_gib(info[k])})")
+  return 0

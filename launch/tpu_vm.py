@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cloud TPU VM slice launcher: create, setup, precompute, train, logs, stop, delete.
+"""Cloud TPU VM slice launcher: create, setup, precompute, train, run, logs, stop, delete.
 
 Multi-host JAX means the same command on every worker of the slice; this script builds those
 `gcloud compute tpus ...` commands, validates everything it can before anything is created, and
@@ -388,11 +388,19 @@ def delete_commands(args: argparse.Namespace, acc: Accelerator) -> list[list[str
   return [["gcloud", "compute", "tpus", *verb, *_gcloud_scope(args), "--quiet"]]
 
 
+def run_commands(args: argparse.Namespace, acc: Accelerator) -> list[list[str]]:
+  """Runs an arbitrary shell command on the workers (e.g. copying a vocabulary from GCS)."""
+  if not args.remote:
+    raise LaunchError("run: pass --remote='COMMAND' (run in ~/imagen_jax on each worker)")
+  return [_ssh(args, args.worker, f"cd {REMOTE_REPO} && {args.remote}")]
+
+
 COMMANDS = {
   "create": (create_commands, "create the slice (queued resource where the type needs one)"),
   "setup": (setup_commands, "ship this checkout to every worker and install it (Python 3.12)"),
   "precompute": (precompute_commands, "run `imagen-jax precompute` on every worker, detached"),
   "train": (train_commands, "run `imagen-jax train` on every worker, detached, logging to files"),
+  "run": (run_commands, "run a shell command in ~/imagen_jax on the workers"),
   "logs": (logs_commands, "show a job's log from one worker (or all)"),
   "stop": (stop_commands, "SIGTERM the job on every worker (it checkpoints, then exits)"),
   "delete": (delete_commands, "delete the slice (asks first unless --yes)"),
@@ -469,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     help="do not add configs/mesh/<accelerator_type>.gin when no mesh file is given",
   )
   p["precompute"].add_argument("--out", default=None, help="gs://BUCKET/precomputed")
+  p["run"].add_argument("--remote", default=None, help="the shell command to run")
+  p["run"].add_argument("--worker", default="all", help="worker index or 'all'")
   p["logs"].add_argument("--worker", default="0", help="worker index or 'all'")
   p["logs"].add_argument("--lines", type=int, default=100)
   p["logs"].add_argument("--follow", action="store_true", help="tail -F (one worker)")

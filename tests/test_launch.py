@@ -171,6 +171,12 @@ def test_dry_run_logs_stop_delete(capsys):
   assert status == 0 and "--worker=all" in lines[0]
   assert 'kill -TERM "$(cat ~/imagen_logs/train.pid)"' in _remote(lines[0])
   subprocess.run(["bash", "-n", "-c", _remote(lines[0])], check=True)
+  status, lines = _dry(capsys, "run", *SLICE, "--remote=ls assets")
+  assert status == 0
+  assert lines == [
+    f"gcloud compute tpus tpu-vm ssh imagen {SCOPE} --worker=all "
+    "'--command=cd ~/imagen_jax && ls assets'"
+  ]
   status, lines = _dry(capsys, "delete", *SLICE)
   assert status == 0
   assert lines == [f"gcloud compute tpus queued-resources delete imagen --force {SCOPE} --quiet"]

@@ -311,7 +311,8 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
 class AttentionPool(nn.Module):
   """Multi-head attention pooling of a (LayerNorm'd) token sequence into one vector.
 
-  A learned query attends over the valid tokens; a row with no valid token pools to 0.
+  A learned query attends over the valid tokens; a row with no valid token (a dropped
+  caption) gets a zero attention output, so it pools to the output bias: a learned null vector.
   """
 
   out_dim: int

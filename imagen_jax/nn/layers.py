@@ -553,7 +553,7 @@ class Conditioning(nn.Module):
       emb = emb + NoiseLevelEmbedding(self.channels, self.emb_dim, name="aug_emb", **kw)(
         lowres_aug_log_snr
       )
-    return constrain(emb, ("batch", "embed")), text, text_mask, constrain(h, IMAGE_AXES)
+    return constrain(emb, ("batch", None)), text, text_mask, constrain(h, IMAGE_AXES)
 
 
 def validate_lowres(

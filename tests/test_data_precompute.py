@@ -100,6 +100,7 @@ def test_precompute_survives_sigkill_and_resumes(tmp_path, spm, capsys):
   with open(f"{out}/{shards.MANIFEST}") as f:
     manifest = json.load(f)
   assert manifest["splits"]["train"]["shards"] == final
+  assert manifest["splits"]["train"]["num_records"] == NUM
   assert manifest["max_length"] == LENGTH and manifest["embedding_width"] == 64
   assert manifest["encoder"]["size"] == "tiny"
   assert manifest["vocab_sha256"] == vocabulary.file_sha256(spm)
@@ -147,6 +148,7 @@ def test_records_hold_real_token_embeddings_of_the_caption(tmp_path, spm):
   # Process 1 of 2 writes the odd shards of each split (validation: 2 shards of 1 example).
   assert manifest["splits"]["train"]["num_shards"] == 2
   assert manifest["splits"]["validation"]["num_shards"] == 2
+  assert manifest["splits"]["train"]["num_records"] is None  # process 0's shards not written
   written = sorted(n for n in os.listdir(cfg.out) if n.endswith(".tfrecord"))
   assert written == ["train-00001-of-00002.tfrecord", "validation-00001-of-00002.tfrecord"]
   st = manifest["stats"]

@@ -297,6 +297,22 @@ def _encode_batch_size(batch_size: int) -> int:
   return max(n, math.ceil(batch_size / n) * n)
 
 
+def _count_records(out: str, names: list[str]) -> int | None:
+  """Records over all shards, or None while another process is still writing some."""
+  import json
+
+  import tensorflow as tf
+
+  total = 0
+  for name in names:
+    path = os.path.join(out, name)
+    if not shards.shard_is_complete(path):
+      return None
+    with tf.io.gfile.GFile(path + ".json") as f:
+      total += int(json.load(f)["num_records"])
+  return total
+
+
 def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha) -> dict[str, Any]:
   identity = dict(encoder.identity())
   splits = {}
@@ -304,6 +320,7 @@ def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha) -> dict[str, An
     names = [shards.shard_name(split, s, len(plan)) for s in range(len(plan))]
     splits[split] = {
       "num_source_examples": len(sources[split]),
+      "num_records": _count_records(cfg.out, names),
       "num_shards": len(plan),
       "shards": names,
     }

@@ -32,6 +32,8 @@ setuptools.setup(
     "safetensors>=0.4",
     "tensorboard>=2.21.0",
     "array-record>=0.8.0",
+    # TFDS 4.9.10 imports it when building local builders but does not declare it.
+    "importlib_resources>=6.0",
   ],
   extras_require={
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.15"],

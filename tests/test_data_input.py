@@ -107,12 +107,19 @@ def test_two_hosts_get_disjoint_sets_whose_union_is_the_split(data):
   seen = []
   for p in range(2):
     it = _iter(data["dir"], batch_size=4, process_index=p, process_count=2)
-    n = it.num_examples
+    n = it.num_examples // 2  # each process reads its half of every global batch
     keys = np.concatenate([next(it)["key"] for _ in range(n // 4)])
     assert len(set(keys)) == len(keys) == n
     seen.append(set(keys))
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == {f"train_{i:08d}" for i in range(NUM)}
+  # The global batch is the same whatever the process count: rows of 1 process × 8 are the
+  # concatenation of 2 processes × 4.
+  one = next(_iter(data["dir"], batch_size=8))["key"]
+  two = [
+    next(_iter(data["dir"], batch_size=4, process_index=p, process_count=2))["key"] for p in (0, 1)
+  ]
+  np.testing.assert_array_equal(one, np.concatenate(two))
 
 
 def test_sr_pair_crop_keeps_ratio_and_lowres_is_the_downsampled_crop(data):
@@ -227,8 +234,9 @@ def test_corrupt_records_are_skipped_and_counted_up_to_a_fraction(data, tmp_path
   assert it.corrupt_count <= 1
   rest = next(it)["key"]
   assert it.corrupt_count == 1
-  assert len(set(keys) | set(rest)) == NUM - 1  # every good example, the corrupt one never
-  with pytest.raises(ValueError, match="1 of 64 records .* corrupt, more than max_corrupt"):
+  # Every good example, the corrupt one never (its row took another example of its batch).
+  assert len(set(keys) | set(rest)) == NUM - 1
+  with pytest.raises(ValueError, match="1 of 64 records are corrupt, more than max_corrupt"):
     strict = _iter(d, max_corrupt_fraction=0.0)
     for _ in range(NUM // 8):
       next(strict)

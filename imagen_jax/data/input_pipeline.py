@@ -1,10 +1,15 @@
 """Training input: per-host examples -> per-stage numpy batches, with exactly resumable state.
 
-Each process reads its own part of the data (precomputed shards `p::P`, or every P-th record of
-a TFDS split in on-the-fly text mode), visits it in a fresh permutation each epoch (a pure
-function of seed, epoch and process index), and cuts batches across epoch boundaries, so no
-example is skipped or repeated. The state is three integers plus the indices of corrupt records
-already met; `set_state` on a fresh iterator continues with exactly the next batch.
+The order is independent of the number of processes: each epoch is one permutation of the
+whole split (a pure function of seed and epoch), cut into global batches of
+`batch_size × process_count` across epoch boundaries, and process p reads only rows
+[p·B, (p+1)·B) of each global batch (random access into any shard). Hence, per epoch, processes
+see disjoint examples whose union is the split; 1 process × 8 devices and 2 processes × 4
+devices train on identical global batches; and the state (epoch, global position) is the same
+on every process, so a checkpoint written by process 0 resumes every host, even on a slice of a
+different size. A corrupt record is replaced by another example of the same local batch (so
+global positions never shift) and counted; `set_state` on a fresh iterator continues with
+exactly the next batch.
 
 Batches (numpy, per process):
   image      float32 [B, H, W, 3] in [-1, 1]   (H = W = crop_size or resolution)
@@ -29,7 +34,7 @@ from imagen_jax.data import records, shards
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ImageTooSmallError(ValueError):
@@ -116,14 +121,12 @@ def process_image(
 
 
 class _PrecomputedExamples:
-  """This process's records of the precomputed shards of one split."""
+  """All records of the precomputed shards of one split, by random access."""
 
   def __init__(
     self,
     data_dir: str,
     split: str,
-    process_index: int,
-    process_count: int,
     max_length: int,
     expected_encoder: dict | None,
     resolution: int,
@@ -140,13 +143,8 @@ class _PrecomputedExamples:
     )
     if split not in manifest["splits"]:
       raise ValueError(f"{path} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    names = manifest["splits"][split]["shards"]
-    local = names[process_index::process_count]
-    if not local:
-      raise ValueError(
-        f"{path}: split {split!r} has {len(names)} shards, fewer than the {process_count} "
-        "processes; precompute with a smaller --examples_per_shard"
-      )
+    # Every process indexes every shard (their small .json metas); it then reads only its rows.
+    local = manifest["splits"][split]["shards"]
     self.width = int(manifest["embedding_width"])
     self.manifest = manifest
     self.paths, file_idx, offsets = [], [], []
@@ -175,16 +173,13 @@ class _PrecomputedExamples:
 
 
 class _TfdsExamples:
-  """On-the-fly text mode: every `process_count`-th record of a prepared TFDS split."""
+  """On-the-fly text mode: the records of a prepared TFDS split."""
 
-  def __init__(self, data_dir: str, tfds_name: str | None, split: str, pi: int, pc: int):
+  def __init__(self, data_dir: str, tfds_name: str | None, split: str):
     self.source = records.TfdsSource(records.find_tfds_dir(data_dir, tfds_name), split)
-    self._indices = np.arange(pi, len(self.source), pc, dtype=np.int64)
+    self._indices = np.arange(len(self.source), dtype=np.int64)
     if not len(self._indices):
-      raise ValueError(
-        f"{self.source.dataset_dir} split {split!r} has {len(self.source)} records, too few "
-        f"for {pc} processes"
-      )
+      raise ValueError(f"{self.source.dataset_dir} split {split!r} has no records")
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -216,6 +211,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     width: int,
     seed: int,
     process_index: int,
+    process_count: int = 1,
     text_encoder: Any = None,
     max_corrupt_fraction: float = 0.01,
     num_threads: int = 4,
@@ -230,6 +226,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self.width = width
     self.seed = seed
     self.process_index = process_index
+    self.process_count = process_count
     self.text_encoder = text_encoder
     self.max_corrupt_fraction = max_corrupt_fraction
     self.emb_dtype = emb_dtype
@@ -248,7 +245,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
   @property
   def num_examples(self) -> int:
-    """Examples this process visits per epoch."""
+    """Examples in the split (each process reads 1/process_count of them per epoch)."""
     return len(self._examples)
 
   @property
@@ -265,7 +262,6 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
       "corrupt": sorted(self._corrupt),
       "seed": self.seed,
       "num_examples": self.num_examples,
-      "process_index": self.process_index,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -276,15 +272,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """
     if state.get("version") != STATE_VERSION:
       raise ValueError(f"input state version {state.get('version')} != {STATE_VERSION}")
-    for field, mine in (
-      ("seed", self.seed),
-      ("num_examples", self.num_examples),
-      ("process_index", self.process_index),
-    ):
+    for field, mine in (("seed", self.seed), ("num_examples", self.num_examples)):
       if state.get(field) != mine:
         raise ValueError(
           f"input state has {field}={state.get(field)} but this iterator has {mine}: the data, "
-          "seed or host layout changed since the checkpoint"
+          "or seed changed since the checkpoint"
         )
     self._epoch = int(state["epoch"])
     self._position = int(state["position"])
@@ -307,7 +299,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
   def _order_for(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
-      rng = np.random.default_rng([self.seed, epoch, self.process_index])
+      rng = np.random.default_rng([self.seed, epoch])
       self._order = rng.permutation(self.num_examples)
       self._order_epoch = epoch
     return self._order
@@ -326,7 +318,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     index, epoch, pos = item
     if index in self._corrupt:
       return index, None
-    rng = np.random.default_rng([self.seed, epoch, pos, self.process_index, 1])
+    rng = np.random.default_rng([self.seed, epoch, pos, 1])
     try:
       ex = self._examples.load(index, rng)
       image, lowres = process_image(
@@ -344,23 +336,28 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     return index, ex
 
   def __next__(self) -> dict[str, np.ndarray]:
-    good: list[dict[str, Any]] = []
-    while len(good) < self.batch_size:
-      positions = self._next_positions(self.batch_size - len(good))
-      # Indices are resolved here, so worker threads only read and decode: the batch is the
-      # same whatever the thread timing.
-      items = [(int(self._order_for(e)[p]), e, p) for e, p in positions]
-      for index, ex in records.map_in_order(self._load, items, self._pool):
-        if ex is None:
-          self._corrupt.add(index)
-          if len(self._corrupt) > self.max_corrupt_fraction * self.num_examples:
-            raise ValueError(
-              f"{len(self._corrupt)} of {self.num_examples} records of this process are "
-              f"corrupt, more than max_corrupt_fraction={self.max_corrupt_fraction}"
-            )
-        else:
-          good.append(ex)
-    return self._collate(good)
+    global_positions = self._next_positions(self.batch_size * self.process_count)
+    start = self.process_index * self.batch_size
+    positions = global_positions[start : start + self.batch_size]
+    # Indices are resolved here, so worker threads only read and decode: the batch is the
+    # same whatever the thread timing.
+    items = [(int(self._order_for(e)[p]), e, p) for e, p in positions]
+    loaded = list(records.map_in_order(self._load, items, self._pool))
+    for index, ex in loaded:
+      if ex is None:
+        self._corrupt.add(index)
+    if len(self._corrupt) > self.max_corrupt_fraction * self.num_examples:
+      raise ValueError(
+        f"{len(self._corrupt)} of {self.num_examples} records are corrupt, more than "
+        f"max_corrupt_fraction={self.max_corrupt_fraction}"
+      )
+    good = [ex for _, ex in loaded if ex is not None]
+    if not good:
+      raise ValueError(f"every record of a batch is corrupt (indices {[i for i, _ in loaded]})")
+    # A corrupt row takes the next good example of this batch: positions never shift, so every
+    # process stays on the same global schedule.
+    batch = [ex if ex is not None else good[i % len(good)] for i, (_, ex) in enumerate(loaded)]
+    return self._collate(batch)
 
   def _collate(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     b, length = len(examples), self.max_length
@@ -462,8 +459,6 @@ def make_train_iterator(
     examples = _PrecomputedExamples(
       data_dir,
       split,
-      process_index,
-      process_count,
       max_length,
       expected_encoder,
       resolution,
@@ -478,7 +473,7 @@ def make_train_iterator(
       raise ValueError(
         f"text encoder max_length {text_encoder.max_length} != config max_length {max_length}"
       )
-    examples = _TfdsExamples(data_dir, tfds_name, split, process_index, process_count)
+    examples = _TfdsExamples(data_dir, tfds_name, split)
     _check_tfds_image_size(examples.source.dataset_dir, resolution)
     width = int(text_encoder.width)
     encoder_for_batches = text_encoder
@@ -492,6 +487,7 @@ def make_train_iterator(
     width=width,
     seed=seed,
     process_index=process_index,
+    process_count=process_count,
     text_encoder=encoder_for_batches,
     max_corrupt_fraction=max_corrupt_fraction,
     num_threads=num_threads,

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
   "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
   "eval": ("imagen_jax.eval_shapes", "score sampled images against their prompts (shapes metric)"),
+  "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),
 }
 
 

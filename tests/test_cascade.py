@@ -1,0 +1,123 @@
+"""Cascade sampling end to end on tiny random-weight stages: shapes, dtypes, seeds, knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from imagen_jax import cascade
+from imagen_jax.stage import StageConfig
+from tests import cascade_helpers
+
+SETTINGS = (
+  cascade.StageSampling(num_steps=3),
+  cascade.StageSampling(num_steps=2, aug_level=0.1),
+  cascade.StageSampling(num_steps=2, sampler="ancestral"),
+)
+# Both fit the tiny vocabulary's 32 tokens.
+PROMPTS = ["a large red circle on a white background", "a large blue square on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  enc, vocab = cascade_helpers.tiny_encoder(str(tmp_path_factory.mktemp("vocab")))
+  stages = cascade_helpers.random_stages()
+  return cascade.Cascade(enc, stages)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny):
+  return tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS)
+
+
+def test_cascade_shapes_dtypes_and_range(full_run):
+  assert full_run.stages_run == [0, 1, 2]
+  assert [x.shape for x in full_run.per_stage] == [(2, 16, 16, 3), (2, 32, 32, 3), (2, 64, 64, 3)]
+  for x in full_run.per_stage:
+    assert x.dtype == np.float32
+    assert np.all(np.isfinite(x))
+    # Dynamic thresholding keeps x̂₀ in [−1, 1].
+    assert np.abs(x).max() <= 1.0 + 1e-5
+  np.testing.assert_array_equal(full_run.images, full_run.per_stage[-1])
+  # Random weights still give different images for different prompts/seeds.
+  assert np.abs(full_run.images[0] - full_run.images[1]).mean() > 1e-3
+
+
+def test_image_depends_only_on_its_prompt_and_seed(tiny, full_run):
+  again = tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS)
+  np.testing.assert_array_equal(again.images, full_run.images)
+  # In the other batch position: the same image (per-image keys; up to batch numerics).
+  swapped = tiny.sample(PROMPTS[::-1], seeds=[12, 11], settings=SETTINGS)
+  np.testing.assert_allclose(swapped.images[::-1], full_run.images, atol=2e-4)
+  other_seed = tiny.sample(PROMPTS, seeds=[99, 12], settings=SETTINGS)
+  assert np.abs(other_seed.images[0] - full_run.images[0]).mean() > 1e-3
+  np.testing.assert_allclose(other_seed.images[1], full_run.images[1], atol=2e-4)
+
+
+def test_base_stage_equals_direct_stage_sample(tiny, full_run):
+  emb, mask = tiny.encode(PROMPTS[:1])
+  base = tiny.stages[0]
+  direct = base.stage.sample(
+    base.params,
+    emb,
+    mask,
+    jax.random.fold_in(jax.random.PRNGKey(11), 0),
+    SETTINGS[0].sampler_config(),
+  )
+  np.testing.assert_allclose(np.asarray(direct)[0], full_run.per_stage[0][0], atol=1e-5)
+
+
+def test_stop_after_and_start_from_lowres(tiny, full_run):
+  first = tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS, stop_after=1)
+  assert first.stages_run == [0] and first.images.shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(first.images, full_run.per_stage[0], atol=1e-6)
+  # Super-resolving the base output reproduces the rest of the full run (same per-stage keys).
+  sr = tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS, lowres=full_run.per_stage[0])
+  assert sr.stages_run == [1, 2]
+  np.testing.assert_allclose(sr.images, full_run.images, atol=1e-5)
+
+
+def test_empty_prompt_is_unconditional_and_negative_prompts(tiny, caplog):
+  emb, mask = tiny.encode(["", PROMPTS[0]])
+  assert not mask[0].any() and np.all(emb[0] == 0)
+  assert mask[1].sum() > 3 and np.abs(emb[1]).sum() > 0
+  guided = (cascade.StageSampling(num_steps=2, guidance_weight=3.0),) + SETTINGS[1:]
+  plain = tiny.sample(PROMPTS, [5, 6], guided, stop_after=1)
+  empty_negative = tiny.sample(PROMPTS, [5, 6], guided, negative_prompts="", stop_after=1)
+  np.testing.assert_allclose(empty_negative.images, plain.images, atol=1e-6)
+  negative = tiny.sample(PROMPTS, [5, 6], guided, negative_prompts=PROMPTS[::-1], stop_after=1)
+  assert np.abs(negative.images - plain.images).mean() > 1e-4
+  with caplog.at_level(logging.WARNING, logger="imagen_jax.cascade"):
+    tiny.encode(["a large red circle " * 20])
+  assert "truncated" in caplog.text
+
+
+def test_bad_input(tiny):
+  with pytest.raises(ValueError, match="one seed per image"):
+    tiny.sample(PROMPTS, seeds=[1], settings=SETTINGS)
+  with pytest.raises(ValueError, match="stop_after=4"):
+    tiny.sample(PROMPTS, seeds=[1, 2], settings=SETTINGS, stop_after=4)
+  with pytest.raises(ValueError, match="no super-resolution stage takes 8px"):
+    tiny.sample(PROMPTS, seeds=[1, 2], settings=SETTINGS, lowres=np.zeros((2, 8, 8, 3)))
+  with pytest.raises(ValueError, match="one per stage"):
+    tiny.sample(PROMPTS, seeds=[1, 2], settings=SETTINGS[:2])
+  with pytest.raises(ValueError, match="sampler"):
+    cascade.StageSampling(sampler="euler")
+  stages = tiny.stages
+  with pytest.raises(ValueError, match="do not chain"):
+    cascade.Cascade(None, [stages[0], stages[2]])
+  with pytest.raises(ValueError, match="not a super-resolution"):
+    cascade.Cascade(None, [stages[0], stages[0]])
+
+
+def test_stage_spec_round_trip(tiny):
+  for s in tiny.stages:
+    rebuilt = cascade.stage_from_spec(s.spec)
+    assert rebuilt.config == s.config
+    assert rebuilt.network == s.stage.network
+  bad = dataclasses.replace(tiny.stages[1].config, lowres_resolution=8)
+  assert isinstance(bad, StageConfig)

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "eval": ("imagen_jax.eval_shapes", "score sampled images against their prompts (shapes metric)"),
   "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),
   "export": ("imagen_jax.export", "write an inference bundle (params, configs, StableHLO)"),
+  "demo": ("imagen_jax.demo", "train a tiny 3-stage cascade on shapes, sample and score it"),
 }
 
 

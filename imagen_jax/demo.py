@@ -1,0 +1,212 @@
+"""`imagen-jax demo`: the whole system on a laptop, from nothing to a scored sample grid.
+
+Steps (each reuses its output when rerun, so an interrupted demo continues):
+  1. render the `shapes` dataset (64 px) and train a SentencePiece vocabulary on its captions;
+  2. precompute caption embeddings with a tiny T5 encoder with RANDOM weights (no real T5
+     weights can be downloaded offline; see the README for real checkpoints);
+  3. train the three-stage cascade: base 16 px -> SR 16->32 (self + text attention) ->
+     SR 32->64 (text cross-attention only, trained on random 32 px crops);
+  4. sample fixed grammar prompts through the cascade -> OUT/samples.png + OUT/samples/*.png;
+  5. score the samples with the shapes detector and print the metric table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+STAGE_GINS = (
+  "configs/stages/demo_base16.gin",
+  "configs/stages/demo_sr32.gin",
+  "configs/stages/demo_sr64.gin",
+)
+MAX_LENGTH = 32
+VOCAB_SIZE = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Flags of `imagen-jax demo`."""
+  a = parser.add_argument
+  a("--out", default="demo_out", help="output directory (work files under OUT/work)")
+  a("--num_examples", type=int, default=6000, help="shapes training images (64 px)")
+  a(
+    "--train_steps",
+    default="1600,700,500",
+    help="training steps of base16,sr32,sr64 (sized for ~20 min on 2 CPU cores)",
+  )
+  a("--batch_size", type=int, default=32, help="training batch per stage")
+  a("--num_prompts", type=int, default=64, help="grammar prompts sampled and scored")
+  a("--sample_steps", default="64,32,32", help="DDIM steps per stage")
+  a("--guidance", default="3,1,1", help="guidance weight per stage")
+  a("--seed", type=int, default=0, help="seed of the prompts and samples")
+  a("--quick", action="store_true", help="smoke run: 20 steps per stage, 600 images, 16 prompts")
+  gin_note = "(stage recipes are configs/stages/demo_*.gin)"
+  a("--gin_file", action="append", default=[], help=f"extra gin files for every stage {gin_note}")
+
+
+def _log(msg: str) -> None:
+  print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def demo_prompts(n: int, seed: int) -> list[str]:
+  """n prompts drawn from the shapes grammar (seeded)."""
+  import numpy as np
+
+  from imagen_jax.data import shapes
+
+  rng = np.random.default_rng([seed, 7])
+  return [shapes.caption(shapes.sample_spec(rng)) for _ in range(n)]
+
+
+def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
+  """Vocabulary + precomputed shapes; returns (vocab path, data dir)."""
+  import numpy as np
+
+  from imagen_jax.data import precompute, shapes
+  from imagen_jax.text import vocabulary
+
+  vocab_prefix = os.path.join(work, "spm")
+  vocab = vocab_prefix + ".model"
+  if not os.path.isfile(vocab):
+    rng = np.random.default_rng(seed)
+    captions = [shapes.caption(shapes.sample_spec(rng)) for _ in range(2000)]
+    vocab = vocabulary.train_sentencepiece(captions, vocab_prefix, vocab_size=VOCAB_SIZE)
+  data = os.path.join(work, "precomputed")
+  cfg = precompute.PrecomputeConfig(
+    source="shapes",
+    out=data,
+    vocab=vocab,
+    t5_checkpoint="none",
+    t5_size="tiny",
+    max_length=MAX_LENGTH,
+    examples_per_shard=1000,
+    tfds_data_dir=os.path.join(work, "tfds"),
+    num_examples=num_examples,
+    num_validation=64,
+    resolution=64,
+    seed=seed,
+    batch_size=128,
+    progress=False,
+  )
+  precompute.run_precompute(cfg)
+  return vocab, data
+
+
+def train_stage(stage_gin: str, model_dir: str, data: str, steps: int, args) -> dict:
+  """One stage's training run (resumes if MODEL_DIR has checkpoints)."""
+  from imagen_jax import gin_utils, train
+
+  bindings = [
+    f"MODEL_DIR = '{model_dir}'",
+    f"DATA = '{data}'",
+    f"train.train.num_train_steps = {steps}",
+    f"train.train.batch_size = {args.batch_size}",
+    f"train.train.checkpoint_every = {max(steps // 2, 1)}",
+    f"train.train.log_every = {max(steps // 10, 1)}",
+    f"train.train.seed = {args.seed}",
+  ]
+  gin_utils.parse_gin(
+    [stage_gin, "configs/mesh/cpu.gin", "configs/runs/tiny.gin", *args.gin_file], bindings
+  )
+  try:
+    return train.configurable_train()()
+  finally:
+    import gin
+
+    gin.clear_config()
+
+
+def _ints(flag: str, raw: str, n: int, cast=int) -> list:
+  values = [cast(v) for v in raw.split(",")]
+  if len(values) == 1:
+    values *= n
+  if len(values) != n:
+    raise ValueError(f"--{flag}={raw!r}: give one value or {n}")
+  return values
+
+
+def run(args: argparse.Namespace) -> int:
+  """Runs the demo; prints timings and the shapes metric table."""
+  t_start = time.time()
+  if args.quick:
+    args.train_steps, args.num_examples = "20", 600
+    args.num_prompts = min(args.num_prompts, 16)
+    args.sample_steps = "8"
+  train_steps = _ints("train_steps", args.train_steps, 3)
+  sample_steps = _ints("sample_steps", args.sample_steps, 3)
+  guidance = _ints("guidance", args.guidance, 3, float)
+  if args.num_examples < args.batch_size or args.num_prompts < 1:
+    raise ValueError("--num_examples must be >= --batch_size and --num_prompts >= 1")
+  out = os.path.abspath(args.out)
+  work = os.path.join(out, "work")
+  os.makedirs(work, exist_ok=True)
+  timings = {}
+
+  _log(f"1-2/5 shapes ({args.num_examples} x 64px), vocabulary, random tiny T5, precompute")
+  t0 = time.time()
+  vocab, data = build_data(work, args.num_examples, args.seed)
+  timings["data"] = time.time() - t0
+
+  stage_dirs = []
+  for gin_file, steps in zip(STAGE_GINS, train_steps, strict=True):
+    name = os.path.basename(gin_file).removeprefix("demo_").removesuffix(".gin")
+    model_dir = os.path.join(work, name)
+    stage_dirs.append(model_dir)
+    _log(f"3/5 training {name}: {steps} steps at batch {args.batch_size}")
+    t0 = time.time()
+    metrics = train_stage(gin_file, model_dir, data, steps, args)
+    timings[f"train_{name}"] = time.time() - t0
+    loss = metrics.get("loss") if metrics else None
+    _log(f"    {name} done in {timings[f'train_{name}']:.0f}s (last loss {loss})")
+
+  import numpy as np
+
+  from imagen_jax import cascade, eval_shapes, images
+
+  _log(f"4/5 sampling {args.num_prompts} prompts through the cascade")
+  t0 = time.time()
+  model = cascade.Cascade.from_stage_dirs(stage_dirs, vocab_path=vocab)
+  settings = [
+    cascade.StageSampling(num_steps=s, guidance_weight=g)
+    for s, g in zip(sample_steps, guidance, strict=True)
+  ]
+  prompts = demo_prompts(args.num_prompts, args.seed)
+  seeds = [args.seed + i for i in range(len(prompts))]
+  result = model.sample(prompts, seeds, settings, batch_size=min(32, len(prompts)), progress=True)
+  timings["sample"] = time.time() - t0
+  final = images.to_uint8(result.images)
+  sample_dir = os.path.join(out, "samples")
+  entries = []
+  for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+    images.save_png(final[i], os.path.join(sample_dir, f"{i:05d}.png"))
+    entries.append({"file": f"{i:05d}.png", "prompt": p, "seed": s})
+  settings_json = {
+    st.config.name: x.to_json() for st, x in zip(model.stages, settings, strict=True)
+  }
+  with open(os.path.join(sample_dir, "index.json"), "w") as f:
+    json.dump({"settings": settings_json, "images": entries}, f, indent=1)
+  # The grid shows every stage: rows of 16 px (upscaled), 32 px (upscaled) and 64 px outputs.
+  n_show = min(16, len(prompts))
+  rows = [
+    [images.resize_nearest(x, 64) for x in images.to_uint8(stage_out[:n_show])]
+    for stage_out in result.per_stage
+  ]
+  grid = images.make_grid(np.asarray([x for row in rows for x in row]), columns=n_show)
+  images.save_png(grid, os.path.join(out, "samples.png"))
+  images.save_png(images.make_grid(final, columns=8), os.path.join(out, "samples_64.png"))
+
+  _log("5/5 shapes metric")
+  accuracy, records = eval_shapes.evaluate_dir(sample_dir)
+  table = eval_shapes.format_table(accuracy, len(records), eval_shapes.QUALITY_BAR)
+  total = time.time() - t_start
+  timings["total"] = total
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump({"accuracy": accuracy, "timings_s": timings, "args": vars(args)}, f, indent=1)
+  print(table)
+  print(
+    "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
+    f"\nwrote {os.path.join(out, 'samples.png')} (rows: 16, 32, 64 px stages)",
+  )
+  return 0

@@ -1,0 +1,152 @@
+"""CLI smoke: every subcommand's --help, and a real export -> sample -> eval chain on tiny stages.
+
+The stage dirs are real MODEL_DIRs (orbax checkpoints with the operative gin config, written by
+`Checkpointer`) holding random weights, so no training is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from imagen_jax import cascade, checkpoints, cli, gin_utils
+from tests import cascade_helpers
+
+STAGE_GINS = ("configs/stages/demo_base16.gin", "configs/stages/demo_sr32.gin")
+
+
+def test_every_subcommand_documents_its_flags(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  top = capsys.readouterr().out
+  for name in ("precompute", "train", "info", "encode", "sample", "export", "eval", "demo"):
+    assert name in top, name
+  parser = cli.build_parser()
+  subparsers = next(a for a in parser._actions if a.dest == "command").choices
+  for name, sub in subparsers.items():
+    for action in sub._actions:
+      if action.option_strings and action.dest != "help":
+        assert action.help, f"imagen-jax {name} {action.option_strings} has no help"
+    with pytest.raises(SystemExit) as e:
+      cli.main([name, "--help"])
+    assert e.value.code == 0
+    assert "usage: imagen-jax " + name in capsys.readouterr().out
+
+
+def _make_stage_dir(model_dir: str, stage_gin: str, data_dir: str, seed: int) -> None:
+  gin_utils.parse_gin(
+    [stage_gin, "configs/mesh/cpu.gin", "configs/runs/tiny.gin"],
+    [f"MODEL_DIR = '{model_dir}'", f"DATA = '{data_dir}'"],
+  )
+  text = gin.config_str()
+  spec = cascade.stage_spec_from_gin(text)
+  stage = cascade.stage_from_spec(spec)
+  params = cascade_helpers.init_params(stage, seed, perturb=0.0)
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), async_save=False)
+  ckpt.save(7, {"step": np.int32(7)}, params, {}, text, force=True)
+  ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  enc, vocab = cascade_helpers.tiny_encoder(str(root))
+  data_dir = root / "precomputed"
+  data_dir.mkdir()
+  # The precompute manifest's encoder record (what `imagen-jax precompute` writes).
+  manifest = {"encoder": enc.identity(), "vocab_file": os.path.basename(vocab)}
+  (data_dir / "manifest.json").write_text(json.dumps(manifest))
+  dirs = []
+  for k, gin_file in enumerate(STAGE_GINS):
+    d = str(root / f"stage{k}")
+    _make_stage_dir(d, gin_file, str(data_dir), seed=k)
+    dirs.append(d)
+  return root, dirs
+
+
+def test_export_sample_eval_chain(stage_dirs, capsys):
+  root, dirs = stage_dirs
+  bundle = str(root / "bundle")
+  assert cli.main(["export", f"--stage_dirs={','.join(dirs)}", f"--out={bundle}"]) == 0
+  assert "export: 2 stages" in capsys.readouterr().out
+  with open(os.path.join(bundle, "stages/0_base16/stage.json")) as f:
+    spec = json.load(f)
+  assert spec["source"]["step"] == 7 and spec["stage_config"]["resolution"] == 16
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    cli.main(["export", f"--stage_dirs={','.join(dirs)}", f"--out={bundle}"])
+
+  out = str(root / "samples")
+  prompt = "a large red circle on a white background"
+  argv = [
+    "sample",
+    f"--bundle={bundle}",
+    f"--prompt={prompt}",
+    "--prompt=",
+    "--num_per_prompt=2",
+    "--seed=5",
+    "--steps=2",
+    "--guidance=2,1",
+    f"--out={out}",
+    "--grid",
+    "--no_progress",
+  ]
+  assert cli.main(argv) == 0
+  with open(os.path.join(out, "index.json")) as f:
+    index = json.load(f)
+  entries = index["images"]
+  assert [e["prompt"] for e in entries] == [prompt, prompt, "", ""]
+  assert [e["seed"] for e in entries] == [5, 6, 7, 8]
+  assert entries[0]["settings"]["base16"]["guidance_weight"] == 2.0
+  assert entries[0]["settings"]["sr32"]["num_steps"] == 2
+  from PIL import Image
+
+  for e in entries:
+    with Image.open(os.path.join(out, e["file"])) as im:
+      assert im.size == (32, 32)
+  assert os.path.isfile(os.path.join(out, "grid.png"))
+  with pytest.raises(FileExistsError, match="index.json"):
+    cli.main(argv)
+
+  # Sampling straight from the training dirs gives the same first image (same weights, seed).
+  out2 = str(root / "samples_dirs")
+  argv2 = [a if not a.startswith("--bundle") else f"--stage_dirs={','.join(dirs)}" for a in argv]
+  argv2 = [a if not a.startswith("--out") else f"--out={out2}" for a in argv2]
+  assert cli.main(argv2) == 0
+  a = np.asarray(Image.open(os.path.join(out, "00000.png")), np.int32)
+  b = np.asarray(Image.open(os.path.join(out2, "00000.png")), np.int32)
+  assert np.abs(a - b).max() <= 1
+
+  # The shapes metric reads the index (only the grammar prompts can be scored).
+  scored = str(root / "scored")
+  os.makedirs(scored)
+  for e in entries[:2]:
+    os.link(os.path.join(out, e["file"]), os.path.join(scored, e["file"]))
+  (root / "scored" / "index.json").write_text(json.dumps({"images": entries[:2]}))
+  assert cli.main(["eval", "shapes", f"--images={scored}"]) == 0
+  assert "shapes metric on 2 images" in capsys.readouterr().out
+
+
+def test_sample_and_export_bad_input(stage_dirs, tmp_path):
+  root, dirs = stage_dirs
+  with pytest.raises(FileNotFoundError, match="do not exist"):
+    cli.main(["export", f"--stage_dirs={dirs[0]},{root / 'nope'}", f"--out={tmp_path / 'b'}"])
+  with pytest.raises(ValueError, match="do not chain|not a super-resolution"):
+    cli.main(["export", f"--stage_dirs={dirs[1]},{dirs[0]}", f"--out={tmp_path / 'b'}"])
+  assert not os.path.exists(tmp_path / "b")
+  with pytest.raises(ValueError, match="no prompts"):
+    cli.main(["sample", f"--stage_dirs={dirs[0]}", f"--out={tmp_path / 's'}"])
+  with pytest.raises(ValueError, match="one per stage"):
+    cli.main(
+      [
+        "sample",
+        f"--stage_dirs={','.join(dirs)}",
+        "--prompt=x",
+        "--steps=1,2,3",
+        f"--out={tmp_path}",
+      ]
+    )

@@ -72,7 +72,10 @@ def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
   if not os.path.isfile(vocab):
     rng = np.random.default_rng(seed)
     captions = [shapes.caption(shapes.sample_spec(rng)) for _ in range(2000)]
-    vocab = vocabulary.train_sentencepiece(captions, vocab_prefix, vocab_size=VOCAB_SIZE)
+    # The grammar's few distinct captions alone train a near-character vocabulary (~40 tokens a
+    # caption); its words as extra sentences give one piece per word (~12 tokens a caption).
+    words = [w for c in captions for w in c.split()]
+    vocab = vocabulary.train_sentencepiece(captions + words, vocab_prefix, vocab_size=VOCAB_SIZE)
   data = os.path.join(work, "precomputed")
   cfg = precompute.PrecomputeConfig(
     source="shapes",

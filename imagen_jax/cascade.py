@@ -636,9 +636,7 @@ class Cascade:
           f"(stages take {[s.config.lowres_resolution for s in self.stages]})"
         )
       first = matches[0]
-    elif not self.stages[0].config.is_super_resolution:
-      first = 0
-    else:
+    elif self.stages[0].config.is_super_resolution:
       raise ValueError("this cascade starts with a super-resolution stage: pass lowres images")
     if not first <= last < n:
       raise ValueError(

@@ -71,7 +71,6 @@ def _write_json(path: str, obj: Any) -> None:
 def denoise_step_inputs(stage: cascade.CascadeStage, batch: Any) -> list[tuple[str, tuple, str]]:
   """(name, shape, dtype) of the exported step's inputs; `batch` may be symbolic."""
 
-
   cfg = stage.config
   r = cfg.resolution
   inputs = [
@@ -96,7 +95,6 @@ def export_denoise_step(stage: cascade.CascadeStage, params: Any) -> bytes:
   """
   import jax
   import jax.numpy as jnp
-
 
   (b,) = jax.export.symbolic_shape("b")
   specs = [

@@ -333,11 +333,16 @@ def train(
   )
   _check_batch_shapes(data_iter.batch_shapes(), max_length, text_dim)
 
+  if is_main:
+    log.info("data ready (%d examples) after %.1fs", data_iter.num_examples, time.time() - t_start)
+
   # --- sharded init + AOT compile ----------------------------------------------------------
   batch_shapes = stage_obj.dummy_batch(batch_size, max_length, text_dim)
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)
   state, state_shardings = init_train_state(stage_obj, tx, mesh, batch_shapes, init_rng)
+  if is_main:
+    log.info("sharded init done after %.1fs", time.time() - t_start)
   batch_shardings = {
     k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()
   }
@@ -354,7 +359,7 @@ def train(
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   if is_main:
     log.info(
-      "stage %s: %s params, %s FLOPs/step, compiled in %.1fs",
+      "stage %s: %s params, %s FLOPs/step, step compiled after %.1fs",
       stage.name,
       f"{num_params:,}",
       f"{flops_per_step:.3e}" if flops_per_step else "n/a",
@@ -378,7 +383,9 @@ def train(
     state = saved_state.replace(ema_params=saved_ema)
     data_iter.set_state(iter_state)
     if is_main:
-      log.info("resumed from %s at step %d", ckpt.directory, step0)
+      log.info(
+        "resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start
+      )
   config_text = _operative_config()
   start_step = int(state.step)
 

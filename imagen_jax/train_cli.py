@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
   if args.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger().setLevel(logging.INFO)  # TF/absl may have configured the root logger
   for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 

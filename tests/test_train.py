@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -79,15 +78,16 @@ def _keys_by_step(model_dir, process=0):
   "stage_gin", ["configs/stages/tiny_base.gin", "configs/stages/tiny_sr.gin"]
 )
 def test_tiny_stage_loss_falls(stage_gin, data_dir, tmp_path):
-  # ε-prediction starts at loss ≈ E[ε²] = 1 (the untrained net outputs ≈ 0). A network that
-  # learned the image statistics predicts ε from z well at low noise; over 150 steps the
-  # mean loss of the last 30 steps must be below 60% of the first 10's.
+  # ε-prediction starts at loss ≈ E[ε²] = 1 (the zero-initialised net outputs 0). A network
+  # that learned the images' statistics predicts ε from z_t well at low noise; measured runs
+  # reach ≈0.2 by step 80. Requiring the last three logged losses (steps 60–80) to average
+  # below 0.6× the first (step 1) leaves a wide margin yet fails for a model that doesn't learn.
   _run_in_process(
     stage_gin,
     "configs/mesh/cpu.gin",
     str(tmp_path),
     data_dir,
-    num_train_steps=150,
+    num_train_steps=80,
     log_every=10,
     checkpoint_every=1000,
   )
@@ -212,44 +212,49 @@ def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
   assert sorted(_keys_by_step(model_dir)) == list(range(1, last_step + 3))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(data_dir, tmp_path):
-  steps = ["--gin.train.train.num_train_steps=3", "--gin.train.train.log_every=1"]
-  single = str(tmp_path / "single")
-  cmd, env = _cli(single, data_dir, extra=[*steps, "--num_cpu_devices=8"])
-  env["XLA_FLAGS"] = ""
-  subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
-  multi = str(tmp_path / "multi")
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    cmd, env = _cli(
-      multi,
-      data_dir,
-      extra=[
-        *steps,
-        "--num_cpu_devices=4",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={pid}",
-      ],
-    )
-    env["XLA_FLAGS"] = ""
-    procs.append(
-      subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    )
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err.decode()[-3000:]
-  a = [m["loss"] for m in _metrics(single)]
-  b = [m["loss"] for m in _metrics(multi)]
-  assert len(a) == 3
+  """2 processes × 4 CPU devices (gloo, launched by launch/local.py) vs 1 process × 8 devices.
+
+  The mesh is data=2 × fsdp=4, so parameters are sharded across both processes; the data order
+  does not depend on the process count, so both runs see the same global batches and must
+  report the same losses (f32; different reduction order → rtol 1e-5).
+  """
+  common = [
+    "--gin_file=configs/stages/tiny_base.gin",
+    "--gin_file=configs/mesh/cpu8_fsdp.gin",
+    "--gin_file=configs/runs/tiny.gin",
+    f"--gin.DATA='{data_dir}'",
+    "--gin.train.train.num_train_steps=3",
+    "--gin.train.train.log_every=1",
+  ]
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "imagen_jax.cli", "train", "--num_cpu_devices=8", *common]
+  subprocess.run(
+    [*cmd, f"--gin.MODEL_DIR='{single}'"], env=env, cwd=REPO, check=True, capture_output=True
+  )
+  launcher = [
+    sys.executable,
+    os.path.join(REPO, "launch", "local.py"),
+    "--num_processes=2",
+    "--num_cpu_devices=4",
+    f"--log_dir={tmp_path / 'logs'}",
+    "--timeout_s=600",
+    "--",
+    *common,
+    f"--gin.MODEL_DIR='{multi}'",
+  ]
+  # launch/local.py strips the test's 8-device XLA_FLAGS from its children.
+  r = subprocess.run(launcher, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+  assert any(line.startswith("[p1] ") for line in r.stdout.splitlines())
+  a = [m["loss"] for m in _metrics(str(single))]
+  b = [m["loss"] for m in _metrics(str(multi))]
+  print("1 process × 8 devices losses:", a)
+  print("2 processes × 4 devices losses:", b)
+  assert len(a) == 3 and all(np.isfinite(a))
   np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert (tmp_path / "logs" / "process_1.log").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -383,9 +383,7 @@ def train(
     state = saved_state.replace(ema_params=saved_ema)
     data_iter.set_state(iter_state)
     if is_main:
-      log.info(
-        "resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start
-      )
+      log.info("resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start)
   config_text = _operative_config()
   start_step = int(state.step)
 

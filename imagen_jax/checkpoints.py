@@ -151,3 +151,35 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-tree checkpoints in other projects' layouts (e.g. T5X's orbax checkpoints)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_pytree_metadata(path: str) -> Any:
+  """The tree of array metadata (shapes, dtypes) of a single-item orbax checkpoint."""
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  return meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+
+
+def restore_pytree_subset(path: str, abstract_tree: Any) -> Any:
+  """Restores only the leaves named in `abstract_tree` (ShapeDtypeStructs with shardings),
+  cast to their dtypes and placed straight into their shardings."""
+  restore_args = jax.tree.map(
+    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape),
+    abstract_tree,
+  )
+  return ocp.PyTreeCheckpointer().restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=abstract_tree, restore_args=restore_args, partial_restore=True
+    ),
+  )
+
+
+def save_pytree(path: str, tree: Any) -> None:
+  """Writes one pytree as an orbax checkpoint directory (must not exist yet)."""
+  ocp.PyTreeCheckpointer().save(path, tree)

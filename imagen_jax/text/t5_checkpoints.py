@@ -305,12 +305,10 @@ def read_t5x_orbax(
   dtype: Any = jnp.float32,
 ) -> dict[str, Any]:
   """Reads a T5X checkpoint written by orbax; only encoder + embedding are restored."""
-  import orbax.checkpoint as ocp
+  from imagen_jax import checkpoints  # the one module that talks to orbax
 
-  ckptr = ocp.PyTreeCheckpointer()
   try:
-    meta = ckptr.metadata(os.path.abspath(ckpt_dir))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    tree = checkpoints.read_pytree_metadata(os.path.abspath(ckpt_dir))
   except Exception as e:
     raise ValueError(f"orbax checkpoint {ckpt_dir!r} is unreadable or incomplete: {e}") from e
   prefix: tuple[str, ...] = ()
@@ -335,10 +333,10 @@ def read_t5x_orbax(
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {name: device for name in want}
-  item, args = {}, {}
-  for name, shape in want.items():
-    item[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
-    args[name] = ocp.ArrayRestoreArgs(sharding=shardings[name], dtype=dtype, global_shape=shape)
+  item = {
+    name: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
+    for name, shape in want.items()
+  }
 
   def nest(flat):
     t = {"target": traverse_util.unflatten_dict(flat, sep="/")}
@@ -346,10 +344,7 @@ def read_t5x_orbax(
       t = {key: t}
     return t
 
-  restored = ckptr.restore(
-    os.path.abspath(ckpt_dir),
-    args=ocp.args.PyTreeRestore(item=nest(item), restore_args=nest(args), partial_restore=True),
-  )
+  restored = checkpoints.restore_pytree_subset(os.path.abspath(ckpt_dir), nest(item))
   for key in prefix:
     restored = restored[key]
   return restored["target"]
@@ -623,7 +618,7 @@ def _write_t5x_legacy(path: str, params: dict[str, np.ndarray], layout: str) -> 
 
 
 def _write_t5x_orbax(path: str, params: dict[str, np.ndarray]) -> None:
-  import orbax.checkpoint as ocp
+  from imagen_jax import checkpoints
 
   state = {
     "version": 3,
@@ -635,4 +630,4 @@ def _write_t5x_orbax(path: str, params: dict[str, np.ndarray]) -> None:
   target = os.path.abspath(path)
   # orbax writes into a fresh dir; `path` was created empty above.
   os.rmdir(target)
-  ocp.PyTreeCheckpointer().save(target, state)
+  checkpoints.save_pytree(target, state)

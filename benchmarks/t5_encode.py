@@ -20,31 +20,42 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", default="base")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--length", type=int, default=128)
-  parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--iters", type=int, default=3)
-  args = parser.parse_args()
+def measure(
+  size: str = "base",
+  batch: int = 64,
+  length: int = 128,
+  dtypes: str = "float32,bfloat16",
+  iters: int = 3,
+) -> list[dict]:
+  """Compiles and times the encoder once per dtype.
 
+  Args:
+    size: T5 v1.1 size name ('small', 'base', ...).
+    batch: captions per encoder call.
+    length: token length of each caption.
+    dtypes: comma-separated compute dtypes.
+    iters: timed calls after one warm-up call (the median is reported, with min/max).
+
+  Returns:
+    One dict per dtype: dtype, compile_s, batch_s (median), batch_s_min, batch_s_max,
+    captions_per_s, tflops_per_s (0 when XLA gives no FLOP count).
+  """
   import jax
   import numpy as np
 
   from imagen_jax.text import encoder, vocabulary
 
+  if batch < 1 or length < 2 or iters < 1:
+    raise ValueError(f"batch={batch}, length={length}, iters={iters}: need >= 1, >= 2, >= 1")
+  rows = []
   with tempfile.TemporaryDirectory() as tmp:
     spm = vocabulary.train_sentencepiece(
       ["a photo of a cat", "an astronaut riding a horse"], os.path.join(tmp, "v"), 64
     )
-    rows = []
-    for dtype in args.dtypes.split(","):
-      enc = encoder.load_text_encoder(
-        None, spm, size=args.size, max_length=args.length, dtype=dtype
-      )
+    for dtype in dtypes.split(","):
+      enc = encoder.load_text_encoder(None, spm, size=size, max_length=length, dtype=dtype)
       rng = np.random.default_rng(0)
-      tokens = rng.integers(3, enc.config.vocab_size, (args.batch, args.length)).astype(np.int32)
+      tokens = rng.integers(3, enc.config.vocab_size, (batch, length)).astype(np.int32)
       tokens[:, -1] = 1
       t0 = time.perf_counter()
       with jax.set_mesh(enc.mesh):
@@ -55,14 +66,41 @@ def main() -> None:
       flops = float((cost or {}).get("flops", 0.0))
       jax.block_until_ready(enc.encode_tokens(tokens))  # warm-up
       times = []
-      for _ in range(args.iters):
+      for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(enc.encode_tokens(tokens))
         times.append(time.perf_counter() - t0)
       step = float(np.median(times))
-      rows.append((dtype, compile_s, step, args.batch / step, flops / step / 1e12 if flops else 0))
+      rows.append(
+        {
+          "size": size,
+          "dtype": dtype,
+          "batch": batch,
+          "length": length,
+          "compile_s": compile_s,
+          "batch_s": step,
+          "batch_s_min": min(times),
+          "batch_s_max": max(times),
+          "captions_per_s": batch / step,
+          "tflops_per_s": flops / step / 1e12 if flops else 0.0,
+        }
+      )
       del enc
+  return rows
 
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="base")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--length", type=int, default=128)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--iters", type=int, default=3)
+  args = parser.parse_args()
+
+  import jax
+
+  rows = measure(args.size, args.batch, args.length, args.dtypes, args.iters)
   devices = jax.devices()
   print(
     f"\nT5 v1.1 '{args.size}' encoder, batch {args.batch} x {args.length} tokens, "
@@ -70,8 +108,11 @@ def main() -> None:
     f"median of {args.iters}"
   )
   print(f"{'dtype':<10} {'compile s':>10} {'batch s':>10} {'captions/s':>11} {'TFLOP/s':>9}")
-  for dtype, compile_s, step, cps, tflops in rows:
-    print(f"{dtype:<10} {compile_s:>10.2f} {step:>10.3f} {cps:>11.1f} {tflops:>9.3f}")
+  for r in rows:
+    print(
+      f"{r['dtype']:<10} {r['compile_s']:>10.2f} {r['batch_s']:>10.3f} "
+      f"{r['captions_per_s']:>11.1f} {r['tflops_per_s']:>9.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -134,9 +134,15 @@ def _stage(config: str, dtype: str, remat: bool):
 
 
 def bench_train_step(
-  config: str, dtype: str, remat: bool, per_device_batch: int, repeats: int, peaks: dict
+  config: str,
+  dtype: str,
+  remat: bool,
+  per_device_batch: int,
+  repeats: int,
+  peaks: dict,
+  num_devices: int | None = None,
 ) -> dict[str, Any]:
-  """Compiles one stage's full train step (optimizer + EMA) on all devices and times it.
+  """Compiles one stage's full train step (optimizer + EMA) on a data-parallel mesh and times it.
 
   Args:
     config: a key of TRAIN_CONFIGS.
@@ -145,6 +151,7 @@ def bench_train_step(
     per_device_batch: examples per device.
     repeats: timed steps after two warm-up steps.
     peaks: {dtype: FLOP/s} measured matmul peaks, used where the device's peak is unknown.
+    num_devices: mesh size (default: all local devices).
 
   Returns:
     A row: step time (median/min/max), images/s per device, TFLOP per step, TFLOP/s per
@@ -157,7 +164,7 @@ def bench_train_step(
   from imagen_jax.data.global_batch import to_global_batch
 
   stage, opt, text_len = _stage(config, dtype, remat)
-  mesh = parallel.create_mesh()
+  mesh = parallel.create_mesh(devices=jax.devices()[:num_devices])
   ndev = mesh.devices.size
   global_batch = per_device_batch * ndev
   shapes = stage.dummy_batch(global_batch, text_len, stage.network.text_dim)
@@ -585,6 +592,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--name", default="latest", help="results file stem (e.g. 'h200')")
+  parser.add_argument(
+    "--num_devices", type=int, default=None, help="train-step mesh size (default: all devices)"
+  )
   args = parser.parse_args(argv)
   sections = [s.strip() for s in args.sections.split(",") if s.strip()]
   bad = [s for s in sections if s not in SECTIONS]
@@ -593,6 +603,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.sections = sections
   if args.repeats is None:
     args.repeats = 2 if args.quick else 3
+  if args.num_devices is not None and args.num_devices < 1:
+    parser.error(f"--num_devices={args.num_devices} must be >= 1")
   if args.repeats < 1:
     parser.error(f"--repeats={args.repeats} must be >= 1")
   return args
@@ -664,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         bpd,
         r,
         res["matmul_peak"],
+        args.num_devices,
       )
 
   if "memory" in args.sections:

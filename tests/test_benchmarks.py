@@ -26,7 +26,13 @@ def _positive(x) -> bool:
 def test_quick_run_writes_markdown_and_json(tmp_path):
   run = _load_run()
   rc = run.main(
-    ["--quick", "--sections=train,memory,sampling", f"--out_dir={tmp_path}", "--name=smoke"]
+    [
+      "--quick",
+      "--sections=train,memory,sampling",
+      "--num_devices=1",
+      f"--out_dir={tmp_path}",
+      "--name=smoke",
+    ]
   )
   assert rc == 0
   res = json.loads((tmp_path / "smoke.json").read_text())
@@ -41,7 +47,7 @@ def test_quick_run_writes_markdown_and_json(tmp_path):
     assert _positive(res["matmul_peak"][dtype]["flops_per_s"])
 
   (row,) = res["train"]
-  assert row["config"] == "tiny_base" and row["per_device_batch"] == 2
+  assert row["config"] == "tiny_base" and row["per_device_batch"] == 2 and row["num_devices"] == 1
   assert row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
   for key in ("compile_s", "images_per_s_per_device", "tflop_per_step", "mfu"):
     assert _positive(row[key]), key

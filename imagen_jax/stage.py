@@ -140,18 +140,32 @@ class Stage:
       batch["lowres"] = jax.ShapeDtypeStruct((batch_size, lowres, lowres, 3), jnp.float32)
     return batch
 
+  def init_inputs(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Zero inputs of batch size 1 with the batch's shapes (parameters don't depend on B)."""
+    return {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype) for k, v in batch.items()}
+
   def init_params(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
-    """Initial (logically boxed) parameters for a batch of the given shapes."""
-    zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
-    b = zeros["image"].shape[0]
+    """Initial (logically boxed) parameters.
+
+    Args:
+      rng: PRNG key.
+      batch: example inputs — arrays (pass them as jit arguments: zeros created inside a
+        jitted init let XLA constant-fold the whole forward pass, which compiles for minutes)
+        or ShapeDtypeStructs (fine under `jax.eval_shape`).
+    """
+    inputs = {
+      k: jnp.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v
+      for k, v in batch.items()
+    }
+    b = inputs["image"].shape[0]
     variables = self.network.init(
       {"params": rng},
-      zeros["image"],
+      inputs["image"],
       jnp.zeros((b,), jnp.float32),
-      zeros["text_emb"],
-      zeros["text_mask"],
-      zeros.get("lowres"),
-      jnp.zeros((b,), jnp.float32) if "lowres" in zeros else None,
+      inputs["text_emb"],
+      inputs["text_mask"],
+      inputs.get("lowres"),
+      jnp.zeros((b,), jnp.float32) if "lowres" in inputs else None,
       True,
     )
     return variables["params"]

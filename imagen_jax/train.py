@@ -189,8 +189,8 @@ def init_train_state(
     (state, state shardings).
   """
 
-  def init_fn(rng):
-    params = nn.unbox(stage.init_params(rng, batch_shapes))
+  def init_fn(rng, inputs):
+    params = nn.unbox(stage.init_params(rng, inputs))
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -200,21 +200,20 @@ def init_train_state(
       total_nonfinite=jnp.zeros((), jnp.int32),
     )
 
-  def boxed_params(rng):
-    return stage.init_params(rng, batch_shapes)
+  # Batch-1 zero inputs passed as arguments, so XLA cannot constant-fold the init forward pass.
+  inputs = stage.init_inputs(batch_shapes)
+  _, param_shardings = parallel.abstract_and_shardings(stage.init_params, mesh, rng, inputs)
 
-  _, param_shardings = parallel.abstract_and_shardings(boxed_params, mesh, rng)
-
-  def constrained_init(rng):
-    state = init_fn(rng)
+  def constrained_init(rng, inputs):
+    state = init_fn(rng, inputs)
     return state.replace(
       params=jax.lax.with_sharding_constraint(state.params, param_shardings),
       ema_params=jax.lax.with_sharding_constraint(state.ema_params, param_shardings),
     )
 
   with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    compiled = jax.jit(constrained_init).lower(rng).compile()
-    state = compiled(rng)
+    compiled = jax.jit(constrained_init).lower(rng, inputs).compile()
+    state = compiled(rng, inputs)
   # Optimizer-state layouts are what XLA propagated from the parameter constraints.
   shardings = compiled.output_shardings.replace(params=param_shardings, ema_params=param_shardings)
   return state, shardings

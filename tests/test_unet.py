@@ -369,3 +369,21 @@ def test_bad_input_errors():
     _init_shapes(sr, sr_args[:4])
   with pytest.raises(ValueError, match="log_snr"):
     _init_shapes(sr, [sr_args[0], jnp.zeros((3,))] + sr_args[2:])
+
+
+def test_input_size_and_channels_checked_at_trace_time():
+  net = factory.build_network("tiny_sr_crossonly")
+  b, length = 1, 4
+
+  def run(size, channels=3):
+    x = jax.ShapeDtypeStruct((b, size, size, channels), jnp.float32)
+    low = jax.ShapeDtypeStruct((b, size // 2, size // 2, 3), jnp.float32)
+    vec = jax.ShapeDtypeStruct((b,), jnp.float32)
+    emb = jax.ShapeDtypeStruct((b, length, net.text_dim), jnp.float32)
+    mask = jax.ShapeDtypeStruct((b, length), jnp.bool_)
+    return jax.eval_shape(lambda *a: net.init(jax.random.key(0), *a), x, vec, emb, mask, low, vec)
+
+  with pytest.raises(ValueError, match=r"input 36x36 must be divisible by the total downsampling"):
+    run(36)
+  with pytest.raises(ValueError, match="x has 4 channels; config in_channels=3"):
+    run(32, channels=4)

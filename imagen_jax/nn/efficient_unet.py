@@ -154,18 +154,20 @@ class EfficientUNet(nn.Module):
       [B, H, W, out_channels] float32 prediction.
     """
     name = type(self).__name__
-    layers.validate_conditioning(name, x, log_snr, text_emb, text_mask, self.text_dim)
-    layers.validate_lowres(name, x, lowres, lowres_aug_log_snr, self.lowres_factor)
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(
-        f"{name}: x has {x.shape[-1]} channels; config in_channels={self.in_channels}"
-      )
-    ds_total = self.total_downsampling
-    if x.shape[1] % ds_total or x.shape[2] % ds_total:
-      raise ValueError(
-        f"{name}: input {x.shape[1]}x{x.shape[2]} must be divisible by the total downsampling "
-        f"{ds_total} (2**len(block_channels), block_channels={self.block_channels})"
-      )
+    layers.validate_network_inputs(
+      name,
+      x,
+      log_snr,
+      text_emb,
+      text_mask,
+      lowres,
+      lowres_aug_log_snr,
+      text_dim=self.text_dim,
+      lowres_factor=self.lowres_factor,
+      in_channels=self.in_channels,
+      total_downsampling=self.total_downsampling,
+      layout=f"2**len(block_channels), block_channels={self.block_channels}",
+    )
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     emb_dim = self.emb_dim or 4 * self.channels

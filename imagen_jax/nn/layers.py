@@ -479,6 +479,37 @@ class Resample(nn.Module):
     return constrain(h, IMAGE_AXES)
 
 
+def validate_network_inputs(
+  name: str,
+  x: jax.Array,
+  log_snr: jax.Array,
+  text_emb: jax.Array,
+  text_mask: jax.Array,
+  lowres: jax.Array | None,
+  lowres_aug_log_snr: jax.Array | None,
+  *,
+  text_dim: int,
+  lowres_factor: int | None,
+  in_channels: int,
+  total_downsampling: int,
+  layout: str,
+) -> None:
+  """Every input check shared by the U-Nets; errors name the config value to change.
+
+  Args:
+    layout: how the network's downsampling is configured, quoted in the error.
+  """
+  validate_conditioning(name, x, log_snr, text_emb, text_mask, text_dim)
+  validate_lowres(name, x, lowres, lowres_aug_log_snr, lowres_factor)
+  if x.shape[-1] != in_channels:
+    raise ValueError(f"{name}: x has {x.shape[-1]} channels; config in_channels={in_channels}")
+  if x.shape[1] % total_downsampling or x.shape[2] % total_downsampling:
+    raise ValueError(
+      f"{name}: input {x.shape[1]}x{x.shape[2]} must be divisible by the total downsampling "
+      f"{total_downsampling} ({layout})"
+    )
+
+
 def validate_conditioning(
   network: str,
   x: Array,

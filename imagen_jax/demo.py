@@ -60,22 +60,29 @@ def demo_prompts(n: int, seed: int) -> list[str]:
   return [shapes.caption(shapes.sample_spec(rng)) for _ in range(n)]
 
 
-def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
-  """Vocabulary + precomputed shapes; returns (vocab path, data dir)."""
+def train_shapes_vocabulary(model_prefix: str, seed: int = 0) -> str:
+  """A word-level SentencePiece model for the shapes grammar; returns the .model path."""
   import numpy as np
 
-  from imagen_jax.data import precompute, shapes
+  from imagen_jax.data import shapes
   from imagen_jax.text import vocabulary
+
+  rng = np.random.default_rng(seed)
+  captions = [shapes.caption(shapes.sample_spec(rng)) for _ in range(2000)]
+  # The grammar's few distinct captions alone train a near-character vocabulary (~40 tokens a
+  # caption); its words as extra sentences give one piece per word (~12 tokens a caption).
+  words = [w for c in captions for w in c.split()]
+  return vocabulary.train_sentencepiece(captions + words, model_prefix, vocab_size=VOCAB_SIZE)
+
+
+def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
+  """Vocabulary + precomputed shapes; returns (vocab path, data dir)."""
+  from imagen_jax.data import precompute
 
   vocab_prefix = os.path.join(work, "spm")
   vocab = vocab_prefix + ".model"
   if not os.path.isfile(vocab):
-    rng = np.random.default_rng(seed)
-    captions = [shapes.caption(shapes.sample_spec(rng)) for _ in range(2000)]
-    # The grammar's few distinct captions alone train a near-character vocabulary (~40 tokens a
-    # caption); its words as extra sentences give one piece per word (~12 tokens a caption).
-    words = [w for c in captions for w in c.split()]
-    vocab = vocabulary.train_sentencepiece(captions + words, vocab_prefix, vocab_size=VOCAB_SIZE)
+    vocab = train_shapes_vocabulary(vocab_prefix, seed)
   data = os.path.join(work, "precomputed")
   cfg = precompute.PrecomputeConfig(
     source="shapes",

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from imagen_jax.data import precompute, shapes
-from imagen_jax.text import vocabulary
+from imagen_jax import demo
+from imagen_jax.data import precompute
 
 TEXT_DIM = 64  # the 'tiny' T5's d_model
-MAX_LENGTH = 32
+MAX_LENGTH = 16  # shapes captions are ≤ 14 word-level tokens + EOS
 
 
 def shapes_vocabulary(directory: str) -> str:
-  """A real SentencePiece model trained on the shapes grammar's captions."""
-  rng = np.random.default_rng(0)
-  captions = [shapes.caption(shapes.sample_spec(rng)) for _ in range(400)]
-  return vocabulary.train_sentencepiece(captions, os.path.join(directory, "spm"), vocab_size=64)
+  """A real (word-level) SentencePiece model trained on the shapes grammar's captions."""
+  return demo.train_shapes_vocabulary(os.path.join(directory, "spm"))
 
 
 def build_precomputed_shapes(

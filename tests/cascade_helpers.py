@@ -12,7 +12,7 @@ from imagen_jax.stage import Stage, StageConfig
 from imagen_jax.text import encoder as encoder_lib
 from tests import train_helpers
 
-MAX_LENGTH = train_helpers.MAX_LENGTH
+MAX_LENGTH = 32  # the demo stage configs (configs/stages/demo_*.gin) use max_length 32
 TEXT_DIM = train_helpers.TEXT_DIM
 
 # The demo's three stages in miniature: base 16 -> SR 16->32 (self+text) -> SR 32->64 (cross

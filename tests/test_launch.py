@@ -297,8 +297,9 @@ def test_failing_gcloud_stops_the_sequence(tmp_path, monkeypatch, source):
 def test_launchers_pass_ruff():
   files = [os.path.join(LAUNCH, f) for f in ("tpu_vm.py", "local.py")]
   ruff = [sys.executable, "-m", "ruff"]
-  subprocess.run([*ruff, "check", *files], check=True, cwd=REPO)
-  subprocess.run([*ruff, "format", "--check", *files], check=True, cwd=REPO)
+  for cmd in (["check"], ["format", "--check"]):
+    r = subprocess.run([*ruff, *cmd, *files], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------------------

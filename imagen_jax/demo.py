@@ -75,8 +75,22 @@ def train_shapes_vocabulary(model_prefix: str, seed: int = 0) -> str:
   return vocabulary.train_sentencepiece(captions + words, model_prefix, vocab_size=VOCAB_SIZE)
 
 
-def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
-  """Vocabulary + precomputed shapes; returns (vocab path, data dir)."""
+def precompute_shapes(
+  work: str,
+  *,
+  num_examples: int,
+  num_validation: int,
+  resolution: int,
+  max_length: int,
+  examples_per_shard: int,
+  batch_size: int,
+  seed: int = 0,
+) -> tuple[str, str]:
+  """Word-level vocabulary + `shapes` encoded by a random tiny T5 into WORK/precomputed.
+
+  Returns:
+    (vocabulary path, precomputed data dir).
+  """
   from imagen_jax.data import precompute
 
   vocab_prefix = os.path.join(work, "spm")
@@ -90,18 +104,32 @@ def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
     vocab=vocab,
     t5_checkpoint="none",
     t5_size="tiny",
-    max_length=MAX_LENGTH,
-    examples_per_shard=1000,
+    max_length=max_length,
+    examples_per_shard=examples_per_shard,
     tfds_data_dir=os.path.join(work, "tfds"),
     num_examples=num_examples,
-    num_validation=64,
-    resolution=64,
+    num_validation=num_validation,
+    resolution=resolution,
     seed=seed,
-    batch_size=128,
+    batch_size=batch_size,
     progress=False,
   )
   precompute.run_precompute(cfg)
   return vocab, data
+
+
+def build_data(work: str, num_examples: int, seed: int) -> tuple[str, str]:
+  """The demo's vocabulary + precomputed 64 px shapes; returns (vocab path, data dir)."""
+  return precompute_shapes(
+    work,
+    num_examples=num_examples,
+    num_validation=64,
+    resolution=64,
+    max_length=MAX_LENGTH,
+    examples_per_shard=1000,
+    batch_size=128,
+    seed=seed,
+  )
 
 
 def train_stage(stage_gin: str, model_dir: str, data: str, steps: int, args) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from imagen_jax import demo
-from imagen_jax.data import precompute
 
 TEXT_DIM = 64  # the 'tiny' T5's d_model
 MAX_LENGTH = 16  # shapes captions are ≤ 14 word-level tokens + EOS
@@ -24,22 +23,13 @@ def build_precomputed_shapes(
   Returns:
     The precomputed data directory.
   """
-  vocab = shapes_vocabulary(directory)
-  out = os.path.join(directory, "precomputed")
-  cfg = precompute.PrecomputeConfig(
-    source="shapes",
-    out=out,
-    vocab=vocab,
-    t5_checkpoint="none",
-    t5_size="tiny",
-    max_length=MAX_LENGTH,
-    examples_per_shard=examples_per_shard,
-    tfds_data_dir=os.path.join(directory, "tfds"),
+  _, data = demo.precompute_shapes(
+    directory,
     num_examples=num_examples,
     num_validation=8,
     resolution=resolution,
+    max_length=MAX_LENGTH,
+    examples_per_shard=examples_per_shard,
     batch_size=32,
-    progress=False,
   )
-  precompute.run_precompute(cfg)
-  return out
+  return data

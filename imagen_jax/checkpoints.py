@@ -19,6 +19,17 @@ import orbax.checkpoint as ocp
 ITEMS = ("state", "ema_params", "data_iterator", "config")
 
 
+def _use_coordination_service_barriers() -> None:
+  """Makes orbax meet through JAX's coordination service (300 s timeout) instead of device
+  all-gathers, which on CPU go through gloo and fail after ~30 s when a host lags."""
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost
+
+  flag = flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name]
+  flag.value = True
+  flag.present = 1  # read as set even when absl never parsed the command line
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under `directory`.
 
@@ -37,6 +48,8 @@ class Checkpointer:
     async_save: bool = True,
   ):
     self.directory = directory
+    if jax.process_count() > 1:
+      _use_coordination_service_barriers()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       save_interval_steps=save_interval_steps,

@@ -172,6 +172,24 @@ def initialize_distributed(
   )
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op for one process).
+
+  The barrier runs on JAX's coordination service, not on device collectives: gloo (CPU
+  multi-process) gives up connecting after ~30 s, so a host that is still compiling or loading
+  data when its peer issues the first collective would fail the run. Meeting here first makes
+  the collectives that follow start together.
+  """
+  if jax.process_count() <= 1:
+    return
+  from jax._src import distributed  # the coordination-service client; no public handle exists
+
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("wait_for_all_processes: jax.distributed.initialize() was not called")
+  client.wait_at_barrier(f"imagen_jax_{name}", int(timeout_s * 1000))
+
+
 def first_device() -> list[jax.Device]:
   """Just the first device (a one-device mesh on a multi-device host)."""
   return jax.devices()[:1]

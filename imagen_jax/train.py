@@ -366,6 +366,9 @@ def train(
     )
 
   # --- restore -----------------------------------------------------------------------------
+  # Hosts reach this point after different compile and data-loading times; the restore and the
+  # first step are collectives, so meet first.
+  parallel.wait_for_all_processes("compiled")
   ckpt = checkpoints.Checkpointer(
     os.path.join(model_dir, "checkpoints"),
     max_to_keep=keep_checkpoints,
@@ -420,7 +423,7 @@ def train(
   try:
     while step < end_step:
       host_batch = next(data_iter)
-      if sample_cond is None:
+      if sample_every and sample_cond is None:
         sample_cond = _fixed_sample_condition(host_batch, num_sample_images)
       batch = global_batch.to_global_batch({k: host_batch[k] for k in batch_shapes}, mesh)
       state, metrics = compiled(state, batch, train_rng)
@@ -450,7 +453,8 @@ def train(
             f"skipped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. "
             "Lower the learning rate or check the data, then rerun to resume."
           )
-      if sample_every and step % sample_every == 0 and is_main:
+      if sample_every and step % sample_every == 0:
+        # Every host runs the sampler (the EMA params are sharded across hosts); host 0 writes.
         _write_sample_grid(
           stage_obj,
           state.ema_params,
@@ -536,9 +540,18 @@ class _SummaryWriter:
 
 
 def _fixed_sample_condition(host_batch: dict, n: int) -> dict:
-  """The first n examples of the run's first batch: fixed prompts for the sample grids."""
+  """The first n examples of the run's first global batch: fixed prompts for the sample grids.
+
+  Those rows live on host 0; every host gets host 0's copy, since sampling is one program that
+  all hosts run on the same inputs.
+  """
   keys = ("text_emb", "text_mask", "lowres", "image")
-  return {k: np.asarray(host_batch[k][:n]) for k in keys if k in host_batch}
+  cond = {k: np.asarray(host_batch[k][:n]) for k in keys if k in host_batch}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    cond = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(cond))
+  return cond
 
 
 def _write_sample_grid(
@@ -567,6 +580,12 @@ def _write_sample_grid(
       config,
       lowres=jnp.asarray(cond["lowres"]) if "lowres" in cond else None,
     )
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    out = multihost_utils.process_allgather(out, tiled=True)
+  if jax.process_index() != 0:
+    return
   out = images.to_uint8(jax.device_get(out))
   res = out.shape[1]
   rows = []

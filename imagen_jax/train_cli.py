@@ -68,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
   if jax.process_count() > 1:
     # Hosts finish at different times (process 0 writes the last summaries): meet first, then
     # shut the coordination service down together instead of racing its shutdown barrier.
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("imagen_jax_train_end")
+    parallel.wait_for_all_processes("train_end")
     jax.distributed.shutdown()
   return 0

@@ -150,3 +150,18 @@ def test_sample_and_export_bad_input(stage_dirs, tmp_path):
         f"--out={tmp_path}",
       ]
     )
+
+
+@pytest.mark.parametrize(
+  "flag,pattern",
+  [
+    ("--thresholding=dynamic,clip,static", "thresholding='clip'"),
+    ("--guidance=3,1", "give one value or 3"),
+    ("--train_steps=10,x,10", "--train_steps='10,x,10'"),
+  ],
+)
+def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path):
+  out = tmp_path / "demo_out"
+  with pytest.raises(ValueError, match=pattern):
+    cli.main(["demo", f"--out={out}", flag])
+  assert not out.exists()  # nothing rendered, trained or written

@@ -33,13 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   a("--num_examples", type=int, default=6000, help="shapes training images (64 px)")
   a(
     "--train_steps",
-    default="1500,900,500",
+    default="1500,700,500",
     help="training steps of base16,sr32,sr64 (sized for ~20 min on 2 CPU cores)",
   )
   a("--batch_size", type=int, default=32, help="training batch per stage")
   a("--num_prompts", type=int, default=64, help="grammar prompts sampled and scored")
   a("--sample_steps", default="64,32,32", help="DDIM steps per stage")
-  a("--guidance", default="3,1,1", help="guidance weight per stage")
+  a("--guidance", default="5,1,1", help="guidance weight per stage")
   a(
     "--thresholding",
     default="static",

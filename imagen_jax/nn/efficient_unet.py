@@ -86,6 +86,11 @@ class EfficientUNet(nn.Module):
     return None if self.lowres_factor is None else self.image_size // self.lowres_factor
 
   @property
+  def downsampling_layout(self) -> str:
+    """The config fields that set `total_downsampling`, as error messages quote them."""
+    return f"2**len(block_channels), block_channels={self.block_channels}"
+
+  @property
   def total_downsampling(self) -> int:
     """Every block halves the resolution."""
     return 2 ** len(self.block_channels)
@@ -153,20 +158,8 @@ class EfficientUNet(nn.Module):
     Returns:
       [B, H, W, out_channels] float32 prediction.
     """
-    name = type(self).__name__
     layers.validate_network_inputs(
-      name,
-      x,
-      log_snr,
-      text_emb,
-      text_mask,
-      lowres,
-      lowres_aug_log_snr,
-      text_dim=self.text_dim,
-      lowres_factor=self.lowres_factor,
-      in_channels=self.in_channels,
-      total_downsampling=self.total_downsampling,
-      layout=f"2**len(block_channels), block_channels={self.block_channels}",
+      self, x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr
     )
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -480,25 +480,25 @@ class Resample(nn.Module):
 
 
 def validate_network_inputs(
-  name: str,
+  network: nn.Module,
   x: jax.Array,
   log_snr: jax.Array,
   text_emb: jax.Array,
   text_mask: jax.Array,
   lowres: jax.Array | None,
   lowres_aug_log_snr: jax.Array | None,
-  *,
-  text_dim: int,
-  lowres_factor: int | None,
-  in_channels: int,
-  total_downsampling: int,
-  layout: str,
 ) -> None:
   """Every input check shared by the U-Nets; errors name the config value to change.
 
   Args:
-    layout: how the network's downsampling is configured, quoted in the error.
+    network: the U-Net being called; its `text_dim`, `lowres_factor`, `in_channels`,
+      `total_downsampling` and `downsampling_layout` (how its downsampling is configured,
+      quoted in the error) are checked against the inputs.
   """
+  name = type(network).__name__
+  text_dim, lowres_factor = network.text_dim, network.lowres_factor
+  in_channels, total_downsampling = network.in_channels, network.total_downsampling
+  layout = network.downsampling_layout
   validate_conditioning(name, x, log_snr, text_emb, text_mask, text_dim)
   validate_lowres(name, x, lowres, lowres_aug_log_snr, lowres_factor)
   if x.shape[-1] != in_channels:

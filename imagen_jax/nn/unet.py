@@ -84,6 +84,11 @@ class UNet(nn.Module):
     return None if self.lowres_factor is None else self.image_size // self.lowres_factor
 
   @property
+  def downsampling_layout(self) -> str:
+    """The config fields that set `total_downsampling`, as error messages quote them."""
+    return f"channel_mult={self.channel_mult}"
+
+  @property
   def total_downsampling(self) -> int:
     """Factor between the input resolution and the lowest level's resolution."""
     return 2 ** (len(self.channel_mult) - 1)
@@ -146,20 +151,8 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, out_channels] float32 prediction.
     """
-    name = type(self).__name__
     layers.validate_network_inputs(
-      name,
-      x,
-      log_snr,
-      text_emb,
-      text_mask,
-      lowres,
-      lowres_aug_log_snr,
-      text_dim=self.text_dim,
-      lowres_factor=self.lowres_factor,
-      in_channels=self.in_channels,
-      total_downsampling=self.total_downsampling,
-      layout=f"channel_mult={self.channel_mult}",
+      self, x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr
     )
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -418,6 +418,18 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
   return lines
 
 
+def _section(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+  """A '## title' heading, its table and a blank line."""
+  return [f"## {title}", "", *_table(rows, cols), ""]
+
+
+def _spread(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+  """'median [min, max]' of r[key], r[key_min], r[key_max] (times scale)."""
+  return "{} [{}, {}]".format(
+    *(format(r[k] * scale, fmt) for k in (key, key + "_min", key + "_max"))
+  )
+
+
 def render_markdown(res: dict) -> str:
   env = res["environment"]
   out = [
@@ -448,17 +460,14 @@ def render_markdown(res: dict) -> str:
       )
     out.append("")
   if res.get("train"):
-    out += ["## Training step (full step: loss, grads, optimizer, EMA)", ""]
     rows = [
       dict(
-        r,
-        step_ms=f"{r['step_s'] * 1e3:.1f} [{r['step_s_min'] * 1e3:.1f}, "
-        f"{r['step_s_max'] * 1e3:.1f}]",
-        mfu_pct=100 * r["mfu"] if r["mfu"] else None,
+        r, step_ms=_spread(r, "step_s", ".1f", 1e3), mfu_pct=100 * r["mfu"] if r["mfu"] else None
       )
       for r in res["train"]
     ]
-    out += _table(
+    out += _section(
+      "Training step (full step: loss, grads, optimizer, EMA)",
       rows,
       [
         ("config", "config", ""),
@@ -478,13 +487,9 @@ def render_markdown(res: dict) -> str:
         ("mem/dev GiB", "mem_per_device_gib", ".3g"),
       ],
     )
-    out.append("")
   if res.get("paper_memory"):
-    out += [
-      "## Paper-scale state memory per device (params + optimizer + EMA, f32, FSDP; shapes only)",
-      "",
-    ]
-    out += _table(
+    out += _section(
+      "Paper-scale state memory per device (params + optimizer + EMA, f32, FSDP; shapes only)",
       res["paper_memory"],
       [
         ("stage", "stage", ""),
@@ -498,9 +503,7 @@ def render_markdown(res: dict) -> str:
         ("unsharded GiB", "replicated_total_gib", ".3g"),
       ],
     )
-    out.append("")
   if res.get("activation_memory"):
-    out += ["## Activation memory per example (compiled forward+backward temporaries)", ""]
     rows = [
       dict(
         r,
@@ -509,7 +512,8 @@ def render_markdown(res: dict) -> str:
       )
       for r in res["activation_memory"]
     ]
-    out += _table(
+    out += _section(
+      "Activation memory per example (compiled forward+backward temporaries)",
       rows,
       [
         ("network", "net", ""),
@@ -521,20 +525,19 @@ def render_markdown(res: dict) -> str:
         ("compile s (all)", "compile_s", ".1f"),
       ],
     )
-    out.append("")
   if res.get("sampling"):
-    out += ["## Sampling (DDIM, f32, tiny networks at the paper-like step counts 256/128/64)", ""]
     rows = [
       dict(
         r,
-        spi=f"{r['s_per_image']:.3g} [{r['s_per_image_min']:.3g}, {r['s_per_image_max']:.3g}]",
+        spi=_spread(r, "s_per_image", ".3g"),
         guid="on (w={:g}, cond+uncond batched)".format(r["guidance"])
         if r["guidance"] != 1.0
         else "off",
       )
       for r in res["sampling"]
     ]
-    out += _table(
+    out += _section(
+      "Sampling (DDIM, f32, tiny networks at the paper-like step counts 256/128/64)",
       rows,
       [
         ("stage", "stage", ""),
@@ -546,14 +549,10 @@ def render_markdown(res: dict) -> str:
         ("ms / step / image", "ms_per_step_per_image", ".3g"),
       ],
     )
-    out.append("")
   if res.get("text"):
-    out += ["## Text: frozen T5 v1.1 encoder (random weights)", ""]
-    rows = [
-      dict(r, bs=f"{r['batch_s']:.3g} [{r['batch_s_min']:.3g}, {r['batch_s_max']:.3g}]")
-      for r in res["text"]
-    ]
-    out += _table(
+    rows = [dict(r, bs=_spread(r, "batch_s", ".3g")) for r in res["text"]]
+    out += _section(
+      "Text: frozen T5 v1.1 encoder (random weights)",
       rows,
       [
         ("size", "size", ""),
@@ -565,7 +564,6 @@ def render_markdown(res: dict) -> str:
         ("TFLOP/s", "tflops_per_s", ".3g"),
       ],
     )
-    out.append("")
   if res.get("skipped"):
     out += ["## Not run", ""] + [f"- {s}" for s in res["skipped"]] + [""]
   return "\n".join(out)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from imagen_jax import checkpoints, images, parallel, perf
@@ -548,8 +549,6 @@ def _fixed_sample_condition(host_batch: dict, n: int) -> dict:
   keys = ("text_emb", "text_mask", "lowres", "image")
   cond = {k: np.asarray(host_batch[k][:n]) for k in keys if k in host_batch}
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     cond = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(cond))
   return cond
 
@@ -581,8 +580,6 @@ def _write_sample_grid(
       lowres=jnp.asarray(cond["lowres"]) if "lowres" in cond else None,
     )
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     out = multihost_utils.process_allgather(out, tiled=True)
   if jax.process_index() != 0:
     return

@@ -11,6 +11,7 @@ Saves are asynchronous; only finalized step directories count. Paths may be loca
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -30,6 +31,12 @@ def _use_coordination_service_barriers() -> None:
   flag.present = 1  # read as set even when absl never parsed the command line
 
 
+def absolute_path(path: str) -> str:
+  """`path` made absolute unless it is remote (gs://...): orbax refuses relative paths, deep
+  inside a restore, and users pass them (--stage_dirs=demo_out/work/base16)."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under `directory`.
 
@@ -47,7 +54,7 @@ class Checkpointer:
     save_interval_steps: int = 1000,
     async_save: bool = True,
   ):
-    self.directory = directory
+    self.directory = absolute_path(directory)
     if jax.process_count() > 1:
       _use_coordination_service_barriers()
     options = ocp.CheckpointManagerOptions(
@@ -56,7 +63,7 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       create=True,
     )
-    self._manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def all_steps(self) -> list[int]:
     """Finalized checkpoint steps, ascending."""
@@ -174,7 +181,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def read_pytree_metadata(path: str) -> Any:
   """The tree of array metadata (shapes, dtypes) of a single-item orbax checkpoint."""
   ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path)
+  meta = ckptr.metadata(absolute_path(path))
   return meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
 
 
@@ -186,7 +193,7 @@ def restore_pytree_subset(path: str, abstract_tree: Any) -> Any:
     abstract_tree,
   )
   return ocp.PyTreeCheckpointer().restore(
-    path,
+    absolute_path(path),
     args=ocp.args.PyTreeRestore(
       item=abstract_tree, restore_args=restore_args, partial_restore=True
     ),
@@ -195,4 +202,4 @@ def restore_pytree_subset(path: str, abstract_tree: Any) -> Any:
 
 def save_pytree(path: str, tree: Any) -> None:
   """Writes one pytree as an orbax checkpoint directory (must not exist yet)."""
-  ocp.PyTreeCheckpointer().save(path, tree)
+  ocp.PyTreeCheckpointer().save(absolute_path(path), tree)

@@ -74,3 +74,23 @@ def test_single_tree_helpers_round_trip(tmp_path):
   np.testing.assert_array_equal(
     np.asarray(restored["a"]["kernel"], np.float32), tree["a"]["kernel"]
   )
+
+
+def test_relative_paths_work(tmp_path, monkeypatch):
+  # orbax itself rejects relative paths on restore; users pass them (--stage_dirs=rel/dir).
+  monkeypatch.chdir(tmp_path)
+  mesh = parallel.create_mesh()
+  ckpt = checkpoints.Checkpointer("run/checkpoints", save_interval_steps=1, async_save=False)
+  state, ema = _trees(5.0)
+  ckpt.save(5, state, ema, {"position": 5}, "# gin")
+  ckpt.close()
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "5")
+  ckpt = checkpoints.Checkpointer("run/checkpoints")
+  step, (_, e, _, _) = ckpt.restore_latest(_abstract(state, mesh), _abstract(ema, mesh))
+  ckpt.close()
+  assert step == 5
+  np.testing.assert_array_equal(e["w"], -5.0)
+  checkpoints.save_pytree("tree", {"k": np.arange(3.0, dtype=np.float32)})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {"k": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=device)}
+  np.testing.assert_array_equal(checkpoints.restore_pytree_subset("tree", abstract)["k"], [0, 1, 2])

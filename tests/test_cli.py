@@ -158,6 +158,7 @@ def test_sample_and_export_bad_input(stage_dirs, tmp_path):
     ("--thresholding=dynamic,clip,static", "thresholding='clip'"),
     ("--guidance=3,1", "give one value or 3"),
     ("--train_steps=10,x,10", "--train_steps='10,x,10'"),
+    ("--batch_size=16,0,16", "--batch_size='16,0,16'"),
   ],
 )
 def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path):
@@ -165,3 +166,33 @@ def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path):
   with pytest.raises(ValueError, match=pattern):
     cli.main(["demo", f"--out={out}", flag])
   assert not out.exists()  # nothing rendered, trained or written
+
+
+def test_demo_quick_runs_every_step(tmp_path, capsys):
+  # The whole demo at smoke size (20 steps per stage, 16 prompts): data, vocabulary, tiny T5,
+  # precompute, three trainings, cascade sampling, PNGs, metric. Quality is not asserted here
+  # (20 steps learn nothing); README "The demo" reports the full run.
+  from PIL import Image
+
+  from imagen_jax import eval_shapes
+
+  out = tmp_path / "demo_out"
+  assert cli.main(["demo", f"--out={out}", "--quick", "--batch_size=8,16,8"]) == 0
+  printed = capsys.readouterr().out
+  for attribute in eval_shapes.ATTRIBUTES:
+    assert attribute in printed
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert set(metrics["accuracy"]) == {*eval_shapes.ATTRIBUTES, "all"}
+  assert all(0.0 <= v <= 1.0 for v in metrics["accuracy"].values())
+  for name in ("base16", "sr32", "sr64"):
+    ckpt = checkpoints.Checkpointer(str(out / "work" / name / "checkpoints"))
+    assert ckpt.latest_step() == 20, name
+    ckpt.close()
+  index = json.loads((out / "samples" / "index.json").read_text())
+  assert len(index["images"]) == 16
+  assert [s["num_steps"] for s in index["settings"].values()] == [8, 8, 8]
+  with Image.open(out / "samples" / index["images"][3]["file"]) as im:
+    assert im.size == (64, 64)
+  with Image.open(out / "samples.png") as im:  # rows: 16, 32, 64 px stages; 16 columns
+    w, h = im.size
+  assert w > h and h >= 3 * 64

@@ -496,17 +496,17 @@ def validate_network_inputs(
       quoted in the error) are checked against the inputs.
   """
   name = type(network).__name__
-  text_dim, lowres_factor = network.text_dim, network.lowres_factor
-  in_channels, total_downsampling = network.in_channels, network.total_downsampling
-  layout = network.downsampling_layout
-  validate_conditioning(name, x, log_snr, text_emb, text_mask, text_dim)
-  validate_lowres(name, x, lowres, lowres_aug_log_snr, lowres_factor)
-  if x.shape[-1] != in_channels:
-    raise ValueError(f"{name}: x has {x.shape[-1]} channels; config in_channels={in_channels}")
-  if x.shape[1] % total_downsampling or x.shape[2] % total_downsampling:
+  validate_conditioning(name, x, log_snr, text_emb, text_mask, network.text_dim)
+  validate_lowres(name, x, lowres, lowres_aug_log_snr, network.lowres_factor)
+  if x.shape[-1] != network.in_channels:
+    raise ValueError(
+      f"{name}: x has {x.shape[-1]} channels; config in_channels={network.in_channels}"
+    )
+  factor = network.total_downsampling
+  if x.shape[1] % factor or x.shape[2] % factor:
     raise ValueError(
       f"{name}: input {x.shape[1]}x{x.shape[2]} must be divisible by the total downsampling "
-      f"{total_downsampling} ({layout})"
+      f"{factor} ({network.downsampling_layout})"
     )
 
 

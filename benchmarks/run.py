@@ -158,10 +158,10 @@ def bench_train_step(
     device, MFU and its peak, compiled per-device memory, compile time.
   """
   import jax
-  from flax import linen as nn
 
-  from imagen_jax import optim, parallel, perf, train
+  from imagen_jax import optim, parallel, perf
   from imagen_jax.data.global_batch import to_global_batch
+  from imagen_jax.training import program
 
   stage, opt, text_len = _stage(config, dtype, remat)
   mesh = parallel.create_mesh(devices=jax.devices()[:num_devices])
@@ -169,24 +169,14 @@ def bench_train_step(
   global_batch = per_device_batch * ndev
   shapes = stage.dummy_batch(global_batch, text_len, stage.network.text_dim)
   tx, lr = optim.make_optimizer(opt, warmup_steps=10, decay_steps=1000)
+  settings = program.StepSettings(global_batch, text_len, stage.network.text_dim)
   t0 = time.perf_counter()
-  state, shardings = train.init_train_state(stage, tx, mesh, shapes, jax.random.PRNGKey(0))
-  init_s = time.perf_counter() - t0
-  step = train.make_train_step(stage, tx, lr, 0.9999, True, 1)
-  batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    compiled = (
-      jax.jit(
-        step,
-        in_shardings=(shardings, batch_sh, parallel.replicated(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-      )
-      .lower(state, shapes, jax.random.PRNGKey(1))
-      .compile()
-    )
+  built = program.build_train_program(stage, (tx, lr), mesh, settings)
+  compiled = built.compile()
   compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state = built.init_state(jax.random.PRNGKey(0))
+  init_s = time.perf_counter() - t0
   flops = perf.compiled_flops(compiled)
   mem = perf.compiled_memory(compiled)
   batch = to_global_batch(_random_batch(shapes), mesh)

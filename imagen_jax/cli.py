@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
   "precompute": ("imagen_jax.data.precompute", "encode captions once and write resumable shards"),
   "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
+  "compile": (
+    "imagen_jax.compile_cli",
+    "compile a stage's train step for a TPU slice without one: memory, FLOPs, step time",
+  ),
   "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
   "eval": ("imagen_jax.eval_shapes", "score sampled images against their prompts (shapes metric)"),
   "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),

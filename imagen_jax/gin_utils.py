@@ -7,6 +7,7 @@ so library code carries no gin decorators.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -65,11 +66,21 @@ def parse_gin(
     ValueError: an unknown configurable or parameter, naming the offending binding.
   """
   gin.clear_config()
-  for path in (os.getcwd(), REPO_ROOT):
-    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-      gin.add_config_file_search_path(path)
+  # Includes resolve against the working directory, then the repository. Both go before gin's
+  # default '' prefix: for a relative path missing from the working directory, gin's package
+  # resource reader would find the namespace package `configs` and fail with a TypeError.
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  for path in (REPO_ROOT, os.getcwd()):
+    if path in prefixes:
+      prefixes.remove(path)
+    prefixes.insert(0, path)
   files = [resolve_config_path(f) for f in gin_files]
+  # gin's resource reader logs an ERROR for every search prefix that lacks an include.
+  previous = logging.root.manager.disable
+  logging.disable(logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
   except (ValueError, KeyError, ImportError) as e:
     raise ValueError(f"invalid gin configuration: {e}") from e
+  finally:
+    logging.disable(previous)

@@ -9,13 +9,17 @@ those names into mesh axes. Rules are (logical name, mesh axes) pairs, first mat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from imagen_jax import tpu_slices
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -48,6 +52,122 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """A mesh preset: axis sizes and, for TPU pods, the slice they are laid out on.
+
+  Attributes:
+    data: data-parallel replicas (-1 = fill). With `num_slices` > 1 it spans the slices.
+    fsdp: parameter-sharding (ZeRO-3) axis size (-1 = fill); stays inside one slice.
+    model: tensor-parallel axis size; stays inside one slice.
+    topology: the slice type this preset is sized for (e.g. 'v4-256'), or None for "whatever
+      devices are there". A job on a different slice fails before compiling, and
+      `imagen-jax compile` compiles for this topology when no `--topology` is given.
+    num_slices: slices joined over the data-center network (multi-slice); the data axis is
+      split across them, fsdp and model stay on each slice's ICI.
+    allow_split_physical_axes: let one mesh axis take part of a torus dimension. Off by default:
+      a logical axis that is a product of whole torus dimensions keeps its collectives on rings.
+    max_devices: use only the first N devices (None = all), e.g. a one-device reference run.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+  topology: str | None = None
+  num_slices: int = 1
+  allow_split_physical_axes: bool = False
+  max_devices: int | None = None
+
+  def __post_init__(self):
+    for name in MESH_AXES:
+      size = getattr(self, name)
+      if size == 0 or size < -1:
+        raise ValueError(f"mesh axis {name!r} has size {size}; use a positive size or -1 (fill)")
+    if self.sizes.count(-1) > 1:
+      raise ValueError(f"mesh sizes {self.describe()}: at most one axis may be -1")
+    if self.num_slices < 1:
+      raise ValueError(f"num_slices={self.num_slices} must be >= 1")
+    if self.topology is not None:
+      tpu_slices.parse_slice(self.topology)  # a bad name fails when the config is read
+
+  @property
+  def sizes(self) -> list[int]:
+    return [self.data, self.fsdp, self.model]
+
+  def describe(self) -> str:
+    sizes = " × ".join(f"{n}={s}" for n, s in zip(MESH_AXES, self.sizes))
+    where = f" on {self.num_slices} × {self.topology}" if self.topology else ""
+    return sizes + where
+
+  def expected_devices(self) -> int | None:
+    """Devices the named topology has (all slices), or None without a topology."""
+    if self.topology is None:
+      return None
+    return tpu_slices.parse_slice(self.topology).devices * self.num_slices
+
+  def resolved_sizes(self, num_devices: int) -> tuple[int, int, int]:
+    """Axis sizes with -1 filled in for `num_devices` devices."""
+    sizes = self.sizes
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+      if num_devices % known:
+        raise ValueError(
+          f"{num_devices} devices do not divide into mesh {self.describe()}; "
+          f"the fixed axes' product ({known}) must divide the device count"
+        )
+      sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
+      raise ValueError(
+        f"mesh {self.describe()} needs {int(np.prod(sizes))} devices but {num_devices} are "
+        "available; set one axis to -1 or match the device count"
+      )
+    return tuple(sizes)
+
+  def build(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh on `devices` (default: all of `jax.devices()`).
+
+    Raises:
+      ValueError: the devices are not the slice the preset names, the sizes do not multiply to
+        the device count, or (TPU) the axes cannot be laid out on the torus.
+    """
+    devices = list(jax.devices() if devices is None else devices)[: self.max_devices]
+    expected = self.expected_devices()
+    if expected is not None and expected != len(devices):
+      raise ValueError(
+        f"the mesh preset is for {self.num_slices} × {self.topology} ({expected} devices) but "
+        f"this job has {len(devices)} {devices[0].device_kind} devices; use the preset of this "
+        "slice (configs/mesh/<accelerator type>.gin) or check a preset without its slice via "
+        "`imagen-jax compile`"
+      )
+    sizes = self.resolved_sizes(len(devices))
+    if self.num_slices > 1 and sizes[0] % self.num_slices:
+      raise ValueError(
+        f"mesh {self.describe()}: data={sizes[0]} must be a multiple of num_slices="
+        f"{self.num_slices} (the data axis is what spans slices)"
+      )
+    try:
+      if self.num_slices > 1:
+        per_slice = (sizes[0] // self.num_slices, sizes[1], sizes[2])
+        grid = mesh_utils.create_hybrid_device_mesh(
+          per_slice,
+          (self.num_slices, 1, 1),
+          devices,
+          allow_split_physical_axes=self.allow_split_physical_axes,
+        )
+      else:
+        grid = mesh_utils.create_device_mesh(
+          sizes, devices, allow_split_physical_axes=self.allow_split_physical_axes
+        )
+    except (ValueError, NotImplementedError, AssertionError, AttributeError) as e:
+      raise ValueError(
+        f"mesh {self.describe()} cannot be laid out on these {len(devices)} "
+        f"{devices[0].device_kind} devices: {str(e).split('. ')[0]}. Make each axis a product of "
+        "whole torus dimensions (e.g. a 4x4x4 v4-128: data=4, fsdp=16), or set "
+        "allow_split_physical_axes=True knowingly"
+      ) from None
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def create_mesh(
   data: int = -1,
   fsdp: int = 1,
@@ -65,32 +185,48 @@ def create_mesh(
   Returns:
     A mesh whose axes are all `AxisType.Auto`, as linen's logical partitioning requires.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, model]
-  for name, size in zip(MESH_AXES, sizes):
-    if size == 0 or size < -1:
-      raise ValueError(f"mesh axis {name!r} has size {size}; use a positive size or -1 (fill)")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(
-        f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}; "
-        f"the fixed axes' product ({known}) must divide the device count"
-      )
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(
-      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
-      f"{len(devices)} are available; set one axis to -1 or match the device count"
+  return MeshConfig(data, fsdp, model).build(devices)
+
+
+def resolve_mesh(mesh: Mesh | MeshConfig | None) -> Mesh:
+  """A ready mesh from what a config binds: a Mesh, a MeshConfig, or None (all devices on data)."""
+  if isinstance(mesh, Mesh):
+    return mesh
+  return (mesh or MeshConfig()).build()
+
+
+def tpu_topology_devices(tpu_slice: tpu_slices.TpuSlice, num_slices: int = 1) -> list[Any]:
+  """The devices of a TPU slice, without the slice: for ahead-of-time compiles only.
+
+  libtpu describes the topology (chips, torus coordinates, hosts); programs lowered on a mesh of
+  these devices compile with the TPU compiler, and nothing can execute.
+
+  Raises:
+    RuntimeError: libtpu is not installed, or refused the topology.
+  """
+  import importlib.util
+
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError(
+      "deviceless TPU compiles need libtpu: pip install -e '.[tpu]' (or pip install "
+      "'libtpu==0.0.50.*', the version jax[tpu] pins for jax 0.12)"
     )
-  return jax.make_mesh(
-    tuple(sizes),
-    MESH_AXES,
-    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-    devices=devices,
-  )
+  from jax.experimental import topologies
+
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=tpu_slice.topology,
+      chip_config_name=tpu_slice.generation.chip_config,
+      chips_per_host_bounds=tpu_slice.chips_per_host_bounds,
+      num_slices=num_slices,
+      wrap=(False,) * 3,
+    )
+  except Exception as e:  # libtpu reports bad topologies as XlaRuntimeError
+    raise RuntimeError(
+      f"libtpu refused topology {tpu_slice.topology} × {num_slices}: {str(e).splitlines()[0]}"
+    ) from None
+  return list(desc.devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

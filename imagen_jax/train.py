@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,103 +34,14 @@ from jax.sharding import Mesh
 from imagen_jax import checkpoints, images, parallel, perf
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import Stage, StageConfig
+from imagen_jax.training import program as train_program
+from imagen_jax.training.program import TrainState, ema_decay_at, make_train_step  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
   """A run that cannot continue (e.g. persistently non-finite losses)."""
-
-
-# ================================================================================================
-# Train state and the train step
-# ================================================================================================
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything the step updates. EMA params live here too and are saved as their own item."""
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  consecutive_nonfinite: jax.Array  # skipped updates in a row
-  total_nonfinite: jax.Array  # skipped updates over the run
-
-
-def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
-  """EMA decay for this update; with warm-up, min(decay, (1 + n) / (10 + n)) as in TF's EMA,
-  so short runs' EMA is not dominated by the initialisation."""
-  if not warmup:
-    return jnp.asarray(decay, jnp.float32)
-  n = step.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-
-
-def make_train_step(
-  stage: Stage,
-  optimizer: optax.GradientTransformation,
-  learning_rate_fn: optax.Schedule,
-  ema_decay: float,
-  ema_warmup: bool,
-  num_microbatches: int,
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-  """The pure train step: (state, global batch, base rng) -> (new state, metrics)."""
-
-  def grads_of(params, batch, rng):
-    (loss, metrics), grads = jax.value_and_grad(stage.loss_fn, has_aux=True)(params, batch, rng)
-    return loss, metrics, grads
-
-  def accumulated_grads(params, batch, rng):
-    if num_microbatches == 1:
-      return grads_of(params, batch, rng)
-    micro = jax.tree.map(
-      lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch
-    )
-
-    def body(carry, inputs):
-      loss_sum, grad_sum = carry
-      i, mb = inputs
-      loss, _, grads = grads_of(params, mb, jax.random.fold_in(rng, i))
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(num_microbatches), micro)
-    )
-    grads = jax.tree.map(lambda g: g / num_microbatches, grad_sum)
-    loss = loss_sum / num_microbatches
-    return loss, {"loss": loss}, grads
-
-  def train_step(state: TrainState, batch: dict, rng: jax.Array):
-    step_rng = jax.random.fold_in(rng, state.step)
-    loss, metrics, grads = accumulated_grads(state.params, batch, step_rng)
-    grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
-    # A non-finite loss or gradient skips the whole update (params, optimizer, EMA).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      ema_params=keep(new_ema, state.ema_params),
-      consecutive_nonfinite=jnp.where(finite, 0, state.consecutive_nonfinite + 1),
-      total_nonfinite=state.total_nonfinite + (~finite).astype(jnp.int32),
-    )
-    metrics = dict(
-      metrics,
-      grad_norm=grad_norm,
-      learning_rate=learning_rate_fn(state.step),
-      nonfinite_skipped=new_state.total_nonfinite,
-    )
-    return new_state, metrics
-
-  return train_step
 
 
 # ================================================================================================
@@ -147,20 +57,7 @@ def validate_config(
     raise ValueError("MODEL_DIR is empty: pass --gin.MODEL_DIR=\"'/path/or/gs://bucket/run'\"")
   if not data_dir:
     raise ValueError("DATA is empty: pass --gin.DATA=\"'/path/to/precomputed'\"")
-  dp = parallel.data_parallel_size(mesh)
-  if batch_size % dp:
-    raise ValueError(
-      f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size {dp} "
-      f"(mesh {dict(mesh.shape)}: data × fsdp); use a multiple of {dp}"
-    )
-  if batch_size % jax.process_count():
-    raise ValueError(
-      f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} processes"
-    )
-  if num_microbatches < 1 or (batch_size // dp) % num_microbatches:
-    raise ValueError(
-      f"num_microbatches={num_microbatches} must divide the per-replica batch {batch_size // dp}"
-    )
+  train_program.check_batch_layout(batch_size, num_microbatches, mesh, jax.process_count())
 
 
 def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int) -> None:
@@ -172,61 +69,6 @@ def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int) -> None:
       f"config expects max_length={max_length}, text_dim={text_dim}; set MAX_LENGTH / TEXT_DIM "
       "to match the precompute manifest"
     )
-
-
-def _init_compiler_options(mesh: Mesh) -> dict | None:
-  """XLA options for the one-off init program. On CPU, LLVM's optimisation of one threefry +
-  normal sampler per parameter takes most of the compile (tiny_sr: 15 s at -O2, 3.6 s at -O0)
-  for a program that runs once; values differ by at most an ulp."""
-  if all(d.platform == "cpu" for d in mesh.devices.flat):
-    return {"xla_backend_optimization_level": 0}
-  return None
-
-
-def init_train_state(
-  stage: Stage,
-  optimizer: optax.GradientTransformation,
-  mesh: Mesh,
-  batch_shapes: dict,
-  rng: jax.Array,
-) -> tuple[TrainState, Any]:
-  """Initialises the train state directly into its shardings.
-
-  Parameter shardings come from the network's logical axis names; optimizer-state shardings
-  are what XLA propagates from them (mirroring params for Adam, factored for Adafactor).
-
-  Returns:
-    (state, state shardings).
-  """
-
-  def init_fn(rng, inputs):
-    params = nn.unbox(stage.init_params(rng, inputs))
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      ema_params=params,
-      consecutive_nonfinite=jnp.zeros((), jnp.int32),
-      total_nonfinite=jnp.zeros((), jnp.int32),
-    )
-
-  # Batch-1 zero inputs passed as arguments, so XLA cannot constant-fold the init forward pass.
-  inputs = stage.init_inputs(batch_shapes)
-  _, param_shardings = parallel.abstract_and_shardings(stage.init_params, mesh, rng, inputs)
-
-  def constrained_init(rng, inputs):
-    state = init_fn(rng, inputs)
-    return state.replace(
-      params=jax.lax.with_sharding_constraint(state.params, param_shardings),
-      ema_params=jax.lax.with_sharding_constraint(state.ema_params, param_shardings),
-    )
-
-  with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    compiled = jax.jit(constrained_init).lower(rng, inputs).compile(_init_compiler_options(mesh))
-    state = compiled(rng, inputs)
-  # Optimizer-state layouts are what XLA propagated from the parameter constraints.
-  shardings = compiled.output_shardings.replace(params=param_shardings, ema_params=param_shardings)
-  return state, shardings
 
 
 # ================================================================================================
@@ -250,6 +92,23 @@ class _Preemption:
     self.requested = True
 
 
+def step_settings(
+  batch_size: int,
+  max_length: int = 128,
+  text_dim: int = 4096,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = True,
+  num_microbatches: int = 1,
+  **unused: Any,
+) -> train_program.StepSettings:
+  """The compiled step's settings from `train`'s arguments (unused ones ignored), with `train`'s
+  defaults: `imagen-jax compile` reads the same gin bindings through it."""
+  del unused
+  return train_program.StepSettings(
+    batch_size, max_length, text_dim, ema_decay, ema_warmup, num_microbatches
+  )
+
+
 def train(
   *,
   model_dir: str,
@@ -258,7 +117,7 @@ def train(
   network: nn.Module,
   batch_size: int,
   num_train_steps: int,
-  mesh: Mesh | None = None,
+  mesh: Mesh | parallel.MeshConfig | None = None,
   optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
   max_length: int = 128,
   text_dim: int = 4096,
@@ -292,7 +151,7 @@ def train(
     network: the U-Net module.
     batch_size: global batch size (all processes).
     num_train_steps: total steps of the run (the job stops there; rerunning continues).
-    mesh: device mesh (default: all devices on the data axis).
+    mesh: device mesh or a `parallel.MeshConfig` preset (default: all devices on the data axis).
     optimizer: (transformation, lr schedule) from `optim.make_optimizer`.
     max_length / text_dim: text sequence length and embedding width the data must have.
     ema_decay / ema_warmup: EMA of the params (paper 0.9999).
@@ -316,7 +175,7 @@ def train(
   from imagen_jax.data import global_batch, input_pipeline  # TF-heavy: import when the job runs
 
   t_start = time.time()
-  mesh = mesh if mesh is not None else parallel.create_mesh()
+  mesh = parallel.resolve_mesh(mesh)
   validate_config(model_dir, data_dir, batch_size, num_microbatches, mesh)
   if optimizer is None:
     from imagen_jax import optim
@@ -345,40 +204,36 @@ def train(
   if is_main:
     log.info("data ready (%d examples) after %.1fs", data_iter.num_examples, time.time() - t_start)
 
-  # --- sharded init + AOT compile ----------------------------------------------------------
-  batch_shapes = stage_obj.dummy_batch(batch_size, max_length, text_dim)
+  # --- AOT compile + sharded init ----------------------------------------------------------
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)
-  state, state_shardings = init_train_state(stage_obj, tx, mesh, batch_shapes, init_rng)
-  if is_main:
-    log.info("sharded init done after %.1fs", time.time() - t_start)
-  batch_shardings = {
-    k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()
-  }
-  step_fn = make_train_step(stage_obj, tx, lr_fn, ema_decay, ema_warmup, num_microbatches)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    jitted = jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, batch_shardings, parallel.replicated(mesh)),
-      out_shardings=(state_shardings, parallel.replicated(mesh)),
-      donate_argnums=(0,),
-    )
-    compiled = jitted.lower(state, batch_shapes, train_rng).compile()
+  program = train_program.build_train_program(
+    stage_obj,
+    (tx, lr_fn),
+    mesh,
+    step_settings(batch_size, max_length, text_dim, ema_decay, ema_warmup, num_microbatches),
+  )
+  compiled = program.compile()
   flops_per_step = perf.compiled_flops(compiled)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  batch_shapes = program.batch_shapes
   if is_main:
     log.info(
-      "stage %s: %s params, %s FLOPs/step, step compiled after %.1fs",
+      "stage %s: %s params, %s FLOPs/step, step compiled after %.1fs (program sha256 %s)",
       stage.name,
-      f"{num_params:,}",
+      f"{program.num_params():,}",
       f"{flops_per_step:.3e}" if flops_per_step else "n/a",
       time.time() - t_start,
+      program.fingerprint(),
     )
+  # Hosts reach this point after different compile and data-loading times; the init program,
+  # the restore and the first step all run collectives, so meet first.
+  parallel.wait_for_all_processes("compiled")
+  state = program.init_state(init_rng)
+  state_shardings = program.state_shardings
+  if is_main:
+    log.info("sharded init done after %.1fs", time.time() - t_start)
 
   # --- restore -----------------------------------------------------------------------------
-  # Hosts reach this point after different compile and data-loading times; the restore and the
-  # first step are collectives, so meet first.
-  parallel.wait_for_all_processes("compiled")
   ckpt = checkpoints.Checkpointer(
     os.path.join(model_dir, "checkpoints"),
     max_to_keep=keep_checkpoints,

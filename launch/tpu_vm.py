@@ -32,6 +32,9 @@ import time
 from collections.abc import Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The slice table lives in the package (standard library only, so no JAX is needed here).
+sys.path.insert(0, REPO_ROOT)
+from imagen_jax import tpu_slices  # noqa: E402
 
 # Paths on every worker (relative to the ssh user's home, so no sudo is needed).
 REMOTE_REPO = "~/imagen_jax"
@@ -69,20 +72,7 @@ class Accelerator:
   queued_by_default: bool  # v5e/v5p/v6e capacity is handed out through queued resources
 
 
-# generation -> (size counts cores?, chips per host, runtime version, allowed sizes predicate)
-_GENERATIONS = {
-  "v4": (True, 4, "tpu-ubuntu2204-base", False),
-  "v5p": (True, 4, "v2-alpha-tpuv5", True),
-  "v5e": (False, 4, "v2-alpha-tpuv5-lite", True),
-  "v6e": (False, 4, "v2-alpha-tpuv6e", True),
-}
-_SINGLE_HOST_MAX_CHIPS = {"v5e": 8, "v6e": 8}  # v5e-8 / v6e-8 are one 8-chip host
-_LITE_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)
-_MAX_CORES = {"v4": 8192, "v5p": 17920}
-ACCELERATOR_FORMS = (
-  "v4-N, v5p-N (N = TensorCores, a multiple of 8), v5litepod-N / v5e-N, v6e-N "
-  + (f"(N = chips, one of {', '.join(map(str, _LITE_SIZES))})")
-)
+ACCELERATOR_FORMS = tpu_slices.SLICE_FORMS
 
 
 def parse_accelerator(accelerator_type: str) -> Accelerator:
@@ -97,33 +87,14 @@ def parse_accelerator(accelerator_type: str) -> Accelerator:
   Raises:
     LaunchError: an unknown generation or a size that generation does not come in.
   """
-  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator_type or "")
-  if not m:
-    raise LaunchError(
-      f"--accelerator_type={accelerator_type!r} is not a known TPU type; use one of "
-      f"{ACCELERATOR_FORMS}"
-    )
-  gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-  n = int(m.group(2))
-  counts_cores, chips_per_host, runtime, queued = _GENERATIONS[gen]
-  if counts_cores:
-    if n < 8 or n % 8 or n > _MAX_CORES[gen]:
-      raise LaunchError(
-        f"--accelerator_type={accelerator_type!r}: {gen} sizes count TensorCores and must be a "
-        f"multiple of 8 between 8 and {_MAX_CORES[gen]}"
-      )
-    chips = n // 2
-    hosts = max(1, chips // chips_per_host)
-  else:
-    if n not in _LITE_SIZES:
-      raise LaunchError(
-        f"--accelerator_type={accelerator_type!r}: {gen} sizes count chips and must be one of "
-        f"{_LITE_SIZES}"
-      )
-    chips = n
-    hosts = 1 if n <= _SINGLE_HOST_MAX_CHIPS[gen] else n // chips_per_host
-  name = f"v5litepod-{n}" if gen == "v5e" else f"{gen}-{n}"
-  return Accelerator(name, gen, chips, hosts, chips, runtime, queued)
+  try:
+    tpu = tpu_slices.parse_slice(accelerator_type)
+  except ValueError as e:
+    raise LaunchError(f"--accelerator_type: {e}") from None
+  gen = tpu.generation
+  return Accelerator(
+    tpu.name, gen.name, tpu.chips, tpu.hosts, tpu.devices, gen.runtime, gen.queued_by_default
+  )
 
 
 # ================================================================================================

@@ -368,10 +368,12 @@ def test_mesh_preset_fills_its_slice_with_batch_2048(name):
   assert acc.name == name  # presets are named as gcloud names the slice
   gin_utils.parse_gin([f"configs/mesh/{name}.gin"], finalize=False)
   try:
-    sizes = [gin.query_parameter(f"parallel.create_mesh.{a}") for a in ("data", "fsdp", "model")]
+    sizes = [gin.query_parameter(f"parallel.MeshConfig.{a}") for a in ("data", "fsdp", "model")]
+    topology = gin.query_parameter("parallel.MeshConfig.topology")
     batch = gin.query_parameter("train.train.batch_size")
   finally:
     gin.clear_config()
+  assert topology == name
   assert sizes[0] * sizes[1] * sizes[2] == acc.devices
   assert batch == 2048
   assert batch % acc.devices == 0 and batch % acc.hosts == 0

@@ -1,0 +1,1 @@
+"""Training: the train state and step, and the one function that builds and lowers it."""

@@ -11,13 +11,14 @@ PYTEST_ARGS ?= -n 2 --dist load --durations=15
 
 .PHONY: venv test lint format pytest demo bench clean
 
-# The venv is rebuilt when missing or older than setup.py.
+# The venv is rebuilt when missing or older than setup.py. It includes libtpu (the [tpu] extra)
+# so that the deviceless TPU compile tests run here and in CI.
 $(VENV)/.installed: setup.py
 	@if [ -z "$(PYTHON312)" ]; then echo "error: python3.12 not found; install Python 3.12 or pass PYTHON312=/path/to/python3.12" >&2; exit 1; fi
 	@if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then \
 	  rm -rf $(VENV) && $(PYTHON312) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test,tpu]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(VENV)/.installed

@@ -37,6 +37,8 @@ setuptools.setup(
   ],
   extras_require={
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.15"],
+    # Deviceless TPU compiles (`imagen-jax compile`) and TPU VMs: the libtpu jax[tpu] pins.
+    "tpu": ["jax[tpu]>=0.12.0"],
   },
   entry_points={"console_scripts": ["imagen-jax=imagen_jax.cli:main"]},
 )

@@ -69,6 +69,8 @@ def _quiet_deviceless_env() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu's lock file guards the chips; a deviceless compile opens none, so several may run.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -5,6 +5,12 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu is installed for the deviceless TPU compile tests: keep it from probing for TPU
+# hardware and workers (a second of errors on stderr per process otherwise).
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Deviceless compiles touch no chip, so parallel test workers may all load libtpu.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"

@@ -97,6 +97,33 @@ def test_tiny_stage_loss_falls(stage_gin, data_dir, tmp_path):
   assert last < 0.6 * first, f"loss did not fall: {losses}"
 
 
+def test_train_job_runs_the_program_compile_reports(data_dir, tmp_path, caplog):
+  """`imagen-jax compile` on the same gin files reports the fingerprint (sha256 of the lowered
+  StableHLO) of the very step the training job ran, so the check cannot drift from the job."""
+  import argparse
+  import logging
+  import re
+
+  from imagen_jax import compile_cli
+
+  caplog.set_level(logging.INFO, logger="imagen_jax.train")
+  gin_files = ["configs/stages/tiny_sr.gin", "configs/mesh/cpu8_fsdp.gin", "configs/runs/tiny.gin"]
+  extra = dict(num_train_steps=1, log_every=1, num_microbatches=2)
+  _run_in_process(*gin_files[:2], str(tmp_path), data_dir, **extra)
+  ran = re.findall(r"program sha256 ([0-9a-f]{64})", caplog.text)
+  assert len(ran) == 1
+  parser = argparse.ArgumentParser()
+  compile_cli.add_arguments(parser)
+  args = parser.parse_args([f"--gin_file={f}" for f in gin_files])
+  args.gin_bindings = _bindings(str(tmp_path), data_dir, **extra)
+  report, _ = compile_cli.compile_train_step(args)
+  assert report.num_microbatches == 2 and report.mesh == {"data": 2, "fsdp": 4, "model": 1}
+  assert report.fingerprint == ran[0]
+  # A different step (here: no gradient accumulation) is a different fingerprint.
+  args.gin_bindings = _bindings(str(tmp_path), data_dir, num_microbatches=1)
+  assert compile_cli.compile_train_step(args)[0].fingerprint != ran[0]
+
+
 def test_sharded_step_equals_single_device(data_dir, tmp_path):
   runs = {}
   for name, mesh_gin in (("fsdp", "configs/mesh/cpu8_fsdp.gin"), ("one", "configs/mesh/cpu1.gin")):

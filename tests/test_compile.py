@@ -1,0 +1,196 @@
+"""`imagen-jax compile`: deviceless TPU compiles of the training job's own step (libtpu)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from imagen_jax import compile_cli, gin_utils, parallel, tpu_slices
+from imagen_jax.nn import factory
+from imagen_jax.stage import Stage, StageConfig
+from imagen_jax.training import program
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH_DIR = os.path.join(REPO, "configs", "mesh")
+POD_PRESETS = sorted(f[: -len(".gin")] for f in os.listdir(MESH_DIR) if not f.startswith("cpu"))
+TINY = ["configs/stages/tiny_base.gin", "configs/mesh/cpu.gin"]
+
+
+def _args(gin_files, bindings=(), **flags) -> argparse.Namespace:
+  parser = argparse.ArgumentParser()
+  compile_cli.add_arguments(parser)
+  args = parser.parse_args([f"--gin_file={f}" for f in gin_files])
+  args.gin_bindings = list(bindings)
+  for k, v in flags.items():
+    setattr(args, k, v)
+  return args
+
+
+# ------------------------------------------------------------------------------------------------
+# The slice table and the presets' meshes on real tori
+# ------------------------------------------------------------------------------------------------
+
+
+def test_slice_table_names_topologies_as_cloud_tpu_does():
+  expect = {
+    "v4-8": ("v4:2x2x1", 4, 1),
+    "v4-128": ("v4:4x4x4", 64, 16),
+    "v4-256": ("v4:4x4x8", 128, 32),
+    "v5p-64": ("v5p:2x4x4", 32, 8),
+    "v5litepod-8": ("v5e:2x4", 8, 1),
+    "v5e-256": ("v5e:16x16", 256, 64),
+    "v6e-256": ("v6e:16x16", 256, 64),
+  }
+  for name, (topology, chips, hosts) in expect.items():
+    s = tpu_slices.parse_slice(name)
+    assert (s.topology, s.chips, s.hosts) == (topology, chips, hosts), name
+  assert tpu_slices.parse_slice("v4:2x2x3").name == "v4-24"
+  with pytest.raises(ValueError, match="v4:2x2x3"):
+    _ = tpu_slices.parse_slice("v4-24").topology  # 12 chips: the shape must be given
+  with pytest.raises(ValueError, match="not a known TPU type"):
+    tpu_slices.parse_slice("v7-8")
+
+
+@pytest.mark.parametrize("name", POD_PRESETS)
+def test_every_pod_preset_lays_out_on_its_torus(name):
+  """Each preset's mesh builds on the devices libtpu describes for its slice (torus coordinates:
+  the layout CPU devices cannot check), with the sizes it names."""
+  import gin
+
+  gin_utils.parse_gin([f"configs/mesh/{name}.gin"], finalize=False)
+  try:
+    cfg = gin.get_bindings("parallel.MeshConfig")
+  finally:
+    gin.clear_config()
+  mesh_cfg = parallel.MeshConfig(**cfg)
+  devices = parallel.tpu_topology_devices(
+    tpu_slices.parse_slice(mesh_cfg.topology), mesh_cfg.num_slices
+  )
+  mesh = mesh_cfg.build(devices)
+  assert tuple(mesh.shape.values()) == tuple(mesh_cfg.resolved_sizes(len(devices)))
+  if mesh_cfg.num_slices > 1:
+    # The data axis spans slices; each fsdp × model group stays inside one slice.
+    for row in mesh.devices.reshape(mesh.shape["data"], -1):
+      assert len({d.slice_index for d in row}) == 1
+    assert len({d.slice_index for d in mesh.devices.flat}) == mesh_cfg.num_slices
+
+
+def test_mesh_that_cannot_use_the_torus_names_the_fix():
+  devices = parallel.tpu_topology_devices(tpu_slices.parse_slice("v4-128"))
+  with pytest.raises(ValueError, match="product of whole torus dimensions.*data=4, fsdp=16"):
+    parallel.MeshConfig(8, 8, 1).build(devices)
+  split = parallel.MeshConfig(8, 8, 1, allow_split_physical_axes=True).build(devices)
+  assert dict(split.shape) == {"data": 8, "fsdp": 8, "model": 1}
+
+
+def test_preset_on_the_wrong_slice_fails_before_compiling(capsys):
+  # A training job: the v4-128 preset on this machine's 8 CPU devices.
+  t0 = time.perf_counter()
+  with pytest.raises(ValueError, match=r"is for 1 × v4-128 \(64 devices\).*8 cpu devices"):
+    parallel.MeshConfig(4, 16, 1, topology="v4-128").build()
+  # The compile command: a 64-device preset asked to compile for a 128-chip slice.
+  args = _args(["configs/stages/tiny_base.gin", "configs/mesh/v4-128.gin"], topology="v4-256")
+  status = compile_cli.run(args)
+  elapsed = time.perf_counter() - t0
+  err = capsys.readouterr().err
+  assert status == 2
+  assert err.count("\n") == 1 and "needs 64 devices but 128 are available" in err
+  assert elapsed < 1.0, elapsed
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer-state shardings mirror the parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adam", "adafactor"])
+def test_optimizer_state_shardings_mirror_parameter_shardings(name):
+  from imagen_jax import optim
+
+  stage = Stage(factory.build_network("tiny_base"), StageConfig(name="t", resolution=16))
+  mesh = parallel.create_mesh(data=2, fsdp=4)
+  tx, lr = optim.make_optimizer(name, warmup_steps=1, decay_steps=10)
+  built = program.build_train_program(stage, (tx, lr), mesh, program.StepSettings(8, 8, 64))
+  params = built.abstract_state.params
+  param_sh = built.state_shardings.params
+  opt_leaves = jax.tree.leaves(built.abstract_state.opt_state)
+  sharded = [x for x in opt_leaves if x.sharding.spec != jax.sharding.PartitionSpec()]
+  assert sharded, "no optimizer state is sharded"
+  by_shape = {}
+  for p, sh in zip(jax.tree.leaves(params), jax.tree.leaves(param_sh)):
+    by_shape.setdefault(p.shape, set()).add(sh.spec)
+  for leaf in sharded:  # every sharded moment has a parameter of its shape sharded like it
+    assert leaf.sharding.spec in by_shape[leaf.shape]
+  if name == "adam":  # mu and nu: two full copies of the parameter layout
+    assert len(sharded) == 2 * sum(s.spec != jax.sharding.PartitionSpec() for s in
+                                   jax.tree.leaves(param_sh))  # fmt: skip
+  state = built.init_state(jax.random.PRNGKey(0))  # the jitted init honours those shardings
+  for leaf, want in zip(jax.tree.leaves(state.opt_state), opt_leaves):
+    assert leaf.sharding.spec == want.sharding.spec
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling for TPU without a TPU
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsys):
+  """The same step on 4 TPU v4 chips and on 4 CPU devices (same per-device batch): the
+  arguments are the same arrays (bytes equal), and the FLOPs agree within 1.5× (XLA:TPU and
+  XLA:CPU count the same convolutions and matmuls; fusion and layout change the rest)."""
+  out = tmp_path / "tpu.json"
+  status = compile_cli.run(_args(TINY, topology="v4-8", json_out=str(out)))
+  text = capsys.readouterr().out
+  assert status == 0
+  tpu = json.loads(out.read_text())[0]
+  assert tpu["target"] == "v4-8" and tpu["chips"] == 4 and tpu["mesh"]["data"] == 4
+  assert tpu["fits"] is True and "fits:" in text and "GiB of 32 GiB per chip" in text
+  assert tpu["hbm_bytes"] == 32 * 2**30
+  assert tpu["roofline_s"] > 0 and tpu["images_per_s_per_chip"] > 0
+  cpu_out = tmp_path / "cpu.json"
+  bindings = ["parallel.MeshConfig.max_devices = 4"]
+  assert compile_cli.run(_args(TINY, bindings, json_out=str(cpu_out))) == 0
+  cpu = json.loads(cpu_out.read_text())[0]
+  assert cpu["fits"] is None and cpu["per_device_batch"] == tpu["per_device_batch"]
+  assert cpu["params"] == tpu["params"]
+  assert cpu["costs"]["argument_bytes"] == tpu["costs"]["argument_bytes"]
+  ratio = tpu["costs"]["flops"] / cpu["costs"]["flops"]
+  assert 1 / 1.5 < ratio < 1.5, ratio
+
+
+def test_per_device_batch_too_large_for_the_chip_does_not_fit(tmp_path):
+  """65,536 images per v4 chip: far beyond 32 GiB. The command says so in one line, with the
+  fix, and exits 1 (a config error would be 2)."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "imagen_jax.cli",
+    "compile",
+    *[f"--gin_file={f}" for f in TINY],
+    "--topology=v4-8",
+    "--gin.train.train.batch_size=262144",
+  ]
+  r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 1, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert "does not fit:" in last and "of 32 GiB per chip" in last
+  assert "num_microbatches=2" in last
+  assert "does not fit" in r.stdout  # the full report is printed too
+
+
+def test_compile_without_libtpu_says_how_to_install(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+  )
+  with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
+    parallel.tpu_topology_devices(tpu_slices.parse_slice("v4-8"))

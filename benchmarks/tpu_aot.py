@@ -118,8 +118,9 @@ def markdown(records: list[dict]) -> str:
     rep = r.get("report")
     label = r["preset"] + (f" ({' '.join(r['extra'])})" if r.get("extra") else "")
     if rep is None:
-      err = "; ".join(r.get("error", []))[:160].replace("|", "/")
-      lines.append(f"| {r['stage']} | {label} | – | **failed**: {err} |" + " |" * 10)
+      err = "; ".join(r.get("error", [])).replace("imagen-jax compile: ", "").replace("|", "/")
+      verdict = "**no**" if r["exit_status"] == 1 else "**failed**"
+      lines.append(f"| {r['stage']} | {label} | – | {verdict}: {err[:200]} |" + " |" * 10)
       continue
     c = rep["costs"]
     on = rep["compiled_on"] + (" *sub*" if not r["full_slice"] else "")

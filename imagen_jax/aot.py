@@ -82,6 +82,9 @@ class CompileReport:
   fingerprint: str
   generation: tpu_slices.TpuGeneration | None = None
   headroom: float = 0.10
+  # How often the costed program body runs per call: XLA's cost analysis counts a loop body
+  # once, so a sampling loop's FLOPs are one denoising step's and its time is loop_steps × that.
+  loop_steps: int = 1
   notes: list[str] = dataclasses.field(default_factory=list)
 
   # --- derived -------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class CompileReport:
 
   @property
   def images_per_s_per_chip(self) -> float | None:
-    return self.per_device_batch / self.step_s if self.step_s else None
+    return self.per_device_batch / (self.step_s * self.loop_steps) if self.step_s else None
 
   @property
   def mfu_bound(self) -> float | None:
@@ -164,7 +167,8 @@ class CompileReport:
       f"{c['temp_bytes'] / GIB:.2f} GiB, code {c['code_bytes'] / GIB:.3f} GiB, total "
       f"{c['total_bytes'] / GIB:.2f} GiB",
       f"  {self.verdict()}",
-      f"  per chip per step: {c['flops'] / 1e12:.2f} TFLOP, {c['bytes_accessed'] / GIB:.1f} GiB "
+      f"  per chip per {'denoising ' if self.loop_steps > 1 else ''}step: "
+      f"{c['flops'] / 1e12:.2f} TFLOP, {c['bytes_accessed'] / GIB:.1f} GiB "
       "accessed",
     ]
     if self.generation:
@@ -180,8 +184,10 @@ class CompileReport:
           if est
           else f"{c['optimal_seconds']:.4g} (not plausible: ignored; roofline used)"
         ),
-        f"  estimate: {self.step_s:.3f} s/step, {self.images_per_s_per_chip:.2f} images/s per "
-        f"chip, MFU <= {100 * self.mfu_bound:.0f}%",
+        f"  estimate: {self.step_s:.3f} s/step"
+        + (f" x {self.loop_steps} steps" if self.loop_steps > 1 else "")
+        + f", {self.images_per_s_per_chip:.3g} images/s per chip, MFU <= "
+        f"{100 * self.mfu_bound:.0f}%",
       ]
     lines += [
       f"  compile: {self.compile_s:.1f} s, peak host memory {self.peak_host_rss_bytes / GIB:.1f} GiB",

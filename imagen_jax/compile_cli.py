@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "--sample_batch", type=int, default=None, help="images per sampling call (default: 1/device)"
   )
   parser.add_argument("--sample_steps", type=int, default=256, help="sampler steps (default 256)")
+  parser.add_argument(
+    "--sample_guidance",
+    type=float,
+    default=3.0,
+    help="guidance weight compiled for (any value but 1 doubles the network batch; default 3)",
+  )
   parser.add_argument(
     "--headroom",
     type=float,
@@ -159,7 +166,10 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   bindings = _train_bindings()
   full_cfg = _mesh_config(bindings, args.topology)
   target, mesh_cfg = _target(full_cfg, args.subslice)
-  full_devices = target.tpu.devices * target.num_slices if target.tpu else len(jax.devices())
+  if target.tpu:
+    full_devices = target.tpu.devices * target.num_slices
+  else:
+    full_devices = len(jax.devices()[: full_cfg.max_devices])
   full_sizes = full_cfg.resolved_sizes(full_devices)
   settings = train.step_settings(**bindings)
   full_dp = full_sizes[0] * full_sizes[1]
@@ -187,7 +197,7 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   stage = Stage(bindings["network"], bindings["stage"])
   t0 = time.perf_counter()
   program = train_program.build_train_program(stage, optimizer, mesh, settings)
-  compiled = program.compile()
+  compiled = compile_or_explain(program.lowered, settings.num_microbatches)
   compile_s = time.perf_counter() - t0
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
@@ -213,6 +223,33 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
     notes=target.notes + _network_notes(stage.network),
   )
   return report, (program, mesh, target)
+
+
+class DoesNotFit(Exception):
+  """The TPU compiler itself refused the program for lack of HBM."""
+
+
+def compile_or_explain(lowered: Any, num_microbatches: int) -> Any:
+  """Compiles; a program the TPU compiler cannot place in HBM becomes one DoesNotFit line."""
+  try:
+    return lowered.compile()
+  except Exception as e:  # XlaRuntimeError; its text is all the compiler gives
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
+      raise
+    need = re.search(
+      r"required for ([^(]+)\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text
+    )
+    detail = (
+      f"the TPU compiler needs {need.group(2)} for {need.group(1).strip()} alone and "
+      f"{need.group(3)} of HBM is available"
+      if need
+      else text.splitlines()[0]
+    )
+    raise DoesNotFit(
+      f"does not fit: {detail}; try --gin.train.train.num_microbatches={2 * num_microbatches} "
+      "(same global batch) or the network's remat = True"
+    ) from None
 
 
 def _network_notes(network) -> list[str]:
@@ -242,6 +279,9 @@ def run(args: argparse.Namespace) -> int:
     return 2
   try:
     report, built = compile_train_step(args)
+  except DoesNotFit as e:
+    print(f"imagen-jax compile: train_step {e}", file=sys.stderr)
+    return 1
   except (ValueError, RuntimeError) as e:
     print(f"imagen-jax compile: error: {e}", file=sys.stderr)
     return 2
@@ -250,7 +290,11 @@ def run(args: argparse.Namespace) -> int:
   if args.sample:
     from imagen_jax import sample_compile
 
-    sample_report = sample_compile.compile_sampling(report, built, args)
+    try:
+      sample_report = sample_compile.compile_sampling(report, built, args)
+    except ValueError as e:
+      print(f"imagen-jax compile: error: {e}", file=sys.stderr)
+      return 2
     reports.append(sample_report)
     print(sample_report.to_text(), flush=True)
   if args.json_out:

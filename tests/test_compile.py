@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -142,9 +143,10 @@ def test_optimizer_state_shardings_mirror_parameter_shardings(name):
 
 
 def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsys):
-  """The same step on 4 TPU v4 chips and on 4 CPU devices (same per-device batch): the
-  arguments are the same arrays (bytes equal), and the FLOPs agree within 1.5× (XLA:TPU and
-  XLA:CPU count the same convolutions and matmuls; fusion and layout change the rest)."""
+  """The same step on 4 TPU v4 chips and on 4 CPU devices (same per-device batch). The arguments
+  are the same arrays, but TPU layouts tile the minor dimension to 128 lanes: this network's
+  narrowest arrays have 32 channels, so TPU bytes are between 1× and 4× the CPU's. The FLOPs
+  agree within 1.5× (both count the same convolutions and matmuls; fusion changes the rest)."""
   out = tmp_path / "tpu.json"
   status = compile_cli.run(_args(TINY, topology="v4-8", json_out=str(out)))
   text = capsys.readouterr().out
@@ -160,7 +162,8 @@ def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsy
   cpu = json.loads(cpu_out.read_text())[0]
   assert cpu["fits"] is None and cpu["per_device_batch"] == tpu["per_device_batch"]
   assert cpu["params"] == tpu["params"]
-  assert cpu["costs"]["argument_bytes"] == tpu["costs"]["argument_bytes"]
+  padding = tpu["costs"]["argument_bytes"] / cpu["costs"]["argument_bytes"]
+  assert 1.0 <= padding <= 4.0, padding
   ratio = tpu["costs"]["flops"] / cpu["costs"]["flops"]
   assert 1 / 1.5 < ratio < 1.5, ratio
 
@@ -179,10 +182,11 @@ def test_per_device_batch_too_large_for_the_chip_does_not_fit(tmp_path):
   ]
   r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
   assert r.returncode == 1, r.stderr[-2000:]
-  last = r.stderr.strip().splitlines()[-1]
-  assert "does not fit:" in last and "of 32 GiB per chip" in last
-  assert "num_microbatches=2" in last
-  assert "does not fit" in r.stdout  # the full report is printed too
+  lines = [x for x in r.stderr.strip().splitlines() if x.startswith("imagen-jax")]
+  assert len(lines) == 1 and "Traceback" not in r.stderr
+  # The TPU compiler refuses it itself ("CompileTimeHbmOom"), naming the bytes it needs.
+  assert re.search(r"does not fit: the TPU compiler needs [\d.]+G for HLO temporaries", lines[0])
+  assert "num_microbatches=2" in lines[0]
 
 
 def test_compile_without_libtpu_says_how_to_install(monkeypatch):

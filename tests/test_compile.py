@@ -218,3 +218,28 @@ def test_sample_compiles_the_sampling_loop_at_full_resolution(tmp_path):
   # One guided denoising step runs the network on [cond; uncond] (2 images per device) without
   # a backward pass: far fewer FLOPs than a training step on 8 images per device.
   assert 0 < sample_report["costs"]["flops"] < train_report["costs"]["flops"] / 4
+
+
+def test_report_roofline_and_compiler_estimate_rules():
+  """Closed forms: step >= max(F / peak, B / bandwidth); XLA's optimal_seconds is used only when
+  positive and not faster than that bound (it has come back negative for big steps)."""
+  from imagen_jax import aot
+
+  v4 = tpu_slices.GENERATIONS["v4"]
+  costs = dict(
+    argument_bytes=2 * 2**30, output_bytes=2 * 2**30, alias_bytes=2 * 2**30, temp_bytes=25 * 2**30,
+    code_bytes=0, total_bytes=27 * 2**30, flops=275e12, bytes_accessed=2.4e12,
+    optimal_seconds=-814.7,
+  )  # fmt: skip
+  report = aot.CompileReport(
+    "train_step", "s", "v4-8", "v4-8", 4, 1, {"data": 4}, 64, 16, 1, 10, costs, 1.0, 0, "", v4
+  )
+  assert report.compute_s == pytest.approx(1.0) and report.memory_s == pytest.approx(2.0)
+  assert report.roofline_s == pytest.approx(2.0) and report.compiler_estimate_s is None
+  assert report.images_per_s_per_chip == pytest.approx(8.0)
+  assert report.mfu_bound == pytest.approx(0.5)
+  assert report.fits is True and "fits: 27.00 GiB of 32 GiB" in report.verdict()
+  costs["optimal_seconds"] = 3.0  # plausible: slower than the roofline
+  assert report.step_s == pytest.approx(3.0)
+  costs["total_bytes"] = 29 * 2**30  # 29 > 0.9 × 32 = 28.8 GiB
+  assert report.fits is False and "does not fit: 29.00 GiB of 32 GiB" in report.verdict()

@@ -1,7 +1,7 @@
 """Deviceless TPU compiles of every paper stage on every pod preset: fits, GiB/chip, step time.
 
   python benchmarks/tpu_aot.py [--only=base64:v4-256,sr256:v4-128] [--full] [--timeout_s=1800]
-      [--out_dir=benchmarks/results] [--name=tpu_aot] [--gin.KEY=VALUE ...]
+      [--out_dir=benchmarks/results] [--name=tpu_aot] [--hlo_dir=DIR] [--gin.KEY=VALUE ...]
 
 Each (stage, preset) pair runs `imagen-jax compile` in its own process (so one compile's host
 memory cannot inflate the next's figure, and an OOM-killed compile is recorded, not fatal), on
@@ -44,7 +44,9 @@ def all_pairs() -> list[tuple[str, str]]:
   return list(PAPER_PAIRS) + rest
 
 
-def run_pair(stage: str, preset: str, full: bool, timeout_s: float, extra: list[str]) -> dict:
+def run_pair(
+  stage: str, preset: str, full: bool, timeout_s: float, extra: list[str], hlo_dir: str | None
+) -> dict:
   """One compile in a subprocess; returns its JSON report or a record of how it failed."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
@@ -57,6 +59,7 @@ def run_pair(stage: str, preset: str, full: bool, timeout_s: float, extra: list[
       f"--gin_file=configs/mesh/{preset}.gin",
       f"--json_out={out}",
       *([] if full else ["--subslice"]),
+      *([f"--hlo_out={os.path.join(hlo_dir, f'{stage}_{preset}.hlo.txt')}"] if hlo_dir else []),
       *extra,
     ]
     t0 = time.time()
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--timeout_s", type=float, default=1800.0)
   parser.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks", "results"))
   parser.add_argument("--name", default="tpu_aot")
+  parser.add_argument("--hlo_dir", default=None, help="write each compiled step's HLO here")
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   pairs = [tuple(p.split(":")) for p in args.only.split(",") if p] or all_pairs()
   path = os.path.join(args.out_dir, f"{args.name}.json")
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
       records = {_key(r): r for r in json.load(f)}
   for i, (stage, preset) in enumerate(pairs):
     print(f"[{i + 1}/{len(pairs)}] compiling {stage} on {preset} ...", flush=True)
-    record = run_pair(stage, preset, args.full, args.timeout_s, extra)
+    record = run_pair(stage, preset, args.full, args.timeout_s, extra, args.hlo_dir)
     rep = record.get("report")
     summary = rep["verdict"] if rep else "; ".join(record["error"])
     print(f"    {summary} ({record['wall_s']:.0f} s)", flush=True)

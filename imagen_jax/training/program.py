@@ -51,6 +51,18 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+  """[B, ...] -> [n, B/n, ...] where microbatch i holds rows i, i+n, i+2n, ...
+
+  Strided, not contiguous: the batch is sharded over ('data', 'fsdp') in contiguous blocks of
+  rows, so each device's block splits into n local pieces and every microbatch stays spread
+  over all devices. Contiguous microbatches would each live on 1/n of the devices, and XLA
+  would move activations across the mesh at every step of the accumulation loop.
+  """
+  n = num_microbatches
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def make_train_step(
   stage: Stage,
   optimizer: optax.GradientTransformation,
@@ -68,9 +80,7 @@ def make_train_step(
   def accumulated_grads(params, batch, rng):
     if num_microbatches == 1:
       return grads_of(params, batch, rng)
-    micro = jax.tree.map(
-      lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch
-    )
+    micro = split_microbatches(batch, num_microbatches)
 
     def body(carry, inputs):
       loss_sum, grad_sum = carry

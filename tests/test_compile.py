@@ -267,3 +267,33 @@ def test_microbatches_are_strided_and_stay_on_every_device():
   hlo = compiled.as_text()
   for collective in ("all-to-all", "all-gather", "collective-permute", "all-reduce"):
     assert collective not in hlo, collective
+
+
+def test_hlo_summary_counts_convolutions_and_collectives():
+  """tools/hlo_summary.py on a compiled sharded convolution: the FSDP-style kernel all-gather,
+  the loss all-reduce and the one convolution are all found."""
+  import importlib.util
+
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  spec = importlib.util.spec_from_file_location("hlo_summary", f"{REPO}/tools/hlo_summary.py")
+  hlo_summary = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hlo_summary)
+  mesh = parallel.create_mesh(data=4, devices=jax.devices()[:4])
+  x = jax.device_put(np.ones((8, 16, 16, 8), np.float32), NamedSharding(mesh, P("data")))
+  w = jax.device_put(np.ones((3, 3, 8, 8), np.float32), NamedSharding(mesh, P(None, None, "data")))
+
+  def f(x, w):
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sum(y**2)
+
+  text = hlo_summary.summarise(jax.jit(f).lower(x, w).compile().as_text(), top=5)
+  assert re.search(r"^\s+1\s+convolution f32$", text, re.M), text
+  assert re.search(r"^\s+\d+\s+all-gather\s", text, re.M), text
+  assert re.search(r"^\s+\d+\s+all-reduce\s", text, re.M), text
+  assert hlo_summary.array_bytes("(bf16[2,3]{1,0}, f32[4]{0})") == 2 * 6 + 4 * 4

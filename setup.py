@@ -8,7 +8,7 @@ setuptools.setup(
   description="Imagen cascaded text-to-image diffusion in JAX/Flax, sharded from one CPU to a TPU pod.",
   packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]),
   python_requires=">=3.12",
-  # Floors are the versions verified together on Python 3.12 (see DESIGN.md §5).
+  # Floors are the versions verified together on Python 3.12 (jax >= 0.11 needs it).
   install_requires=[
     "jax>=0.12.0",
     "jaxlib>=0.12.0",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import resource
 from typing import Any
 
@@ -59,6 +60,38 @@ def program_costs(compiled: Any) -> dict[str, float | int]:
   out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
   out["optimal_seconds"] = float(cost.get("optimal_seconds", float("nan")))
   return out
+
+
+def fit_advice(num_microbatches: int) -> str:
+  """What to try when a step does not fit (the same global batch, less live memory)."""
+  return (
+    f"try --gin.train.train.num_microbatches={2 * num_microbatches} (same global batch) or the "
+    "network's remat = True"
+  )
+
+
+class DoesNotFit(Exception):
+  """The TPU compiler itself refused the program for lack of HBM."""
+
+
+def compile_or_explain(lowered: Any, num_microbatches: int) -> Any:
+  """Compiles; a program the TPU compiler cannot place in HBM becomes one DoesNotFit line."""
+  try:
+    return lowered.compile()
+  except Exception as e:  # XlaRuntimeError; its text is all the compiler gives
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
+      raise
+    need = re.search(
+      r"required for ([^(]+)\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text
+    )
+    detail = (
+      f"the TPU compiler needs {need.group(2)} for {need.group(1).strip()} alone and "
+      f"{need.group(3)} of HBM is available"
+      if need
+      else text.splitlines()[0]
+    )
+    raise DoesNotFit(f"does not fit: {detail}; {fit_advice(num_microbatches)}") from None
 
 
 @dataclasses.dataclass
@@ -149,8 +182,7 @@ class CompileReport:
       return f"fits: {total:.2f} GiB of {hbm:.0f} GiB per chip ({100 * (1 - share):.0f}% headroom)"
     return (
       f"does not fit: {total:.2f} GiB of {hbm:.0f} GiB per chip, {100 * self.headroom:.0f}% "
-      f"headroom required; try --gin.train.train.num_microbatches={2 * self.num_microbatches} "
-      "(same global batch) or the network's remat = True"
+      f"headroom required; {fit_advice(self.num_microbatches)}"
     )
 
   def to_text(self) -> str:

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -172,23 +171,20 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
     full_devices = len(jax.devices()[: full_cfg.max_devices])
   full_sizes = full_cfg.resolved_sizes(full_devices)
   settings = train.step_settings(**bindings)
-  full_dp = full_sizes[0] * full_sizes[1]
   hosts = target.tpu.hosts * target.num_slices if target.tpu else jax.process_count()
-  if target.tpu is not None:
-    if settings.batch_size % full_dp:
-      raise ValueError(
-        f"BATCH_SIZE={settings.batch_size} is not divisible by the data-parallel size {full_dp} "
-        f"of mesh {full_cfg.describe()}"
-      )
-    if settings.batch_size % hosts:
-      raise ValueError(f"BATCH_SIZE={settings.batch_size} does not split over {hosts} hosts")
+  # The full slice's layout, checked before any device is made: a sub-slice keeps its
+  # per-replica batch, so one check covers both.
+  train_program.check_batch_layout(
+    settings.batch_size,
+    settings.num_microbatches,
+    dict(zip(parallel.MESH_AXES, full_sizes)),
+    hosts,
+  )
+  full_dp = full_sizes[0] * full_sizes[1]
   per_device = settings.batch_size // full_dp
   if args.subslice:
     settings = dataclasses.replace(settings, batch_size=per_device * full_sizes[1])
   mesh = _build_mesh(target, mesh_cfg)
-  train_program.check_batch_layout(
-    settings.batch_size, settings.num_microbatches, mesh, 1 if args.subslice else hosts
-  )
   optimizer = bindings.get("optimizer")
   if optimizer is None:
     from imagen_jax import optim
@@ -197,7 +193,7 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   stage = Stage(bindings["network"], bindings["stage"])
   t0 = time.perf_counter()
   program = train_program.build_train_program(stage, optimizer, mesh, settings)
-  compiled = compile_or_explain(program.lowered, settings.num_microbatches)
+  compiled = aot.compile_or_explain(program.lowered, settings.num_microbatches)
   compile_s = time.perf_counter() - t0
   costs = aot.program_costs(compiled)
   notes = target.notes + _network_notes(stage.network)
@@ -235,33 +231,6 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   return report, (program, mesh, target)
 
 
-class DoesNotFit(Exception):
-  """The TPU compiler itself refused the program for lack of HBM."""
-
-
-def compile_or_explain(lowered: Any, num_microbatches: int) -> Any:
-  """Compiles; a program the TPU compiler cannot place in HBM becomes one DoesNotFit line."""
-  try:
-    return lowered.compile()
-  except Exception as e:  # XlaRuntimeError; its text is all the compiler gives
-    text = str(e)
-    if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
-      raise
-    need = re.search(
-      r"required for ([^(]+)\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text
-    )
-    detail = (
-      f"the TPU compiler needs {need.group(2)} for {need.group(1).strip()} alone and "
-      f"{need.group(3)} of HBM is available"
-      if need
-      else text.splitlines()[0]
-    )
-    raise DoesNotFit(
-      f"does not fit: {detail}; try --gin.train.train.num_microbatches={2 * num_microbatches} "
-      "(same global batch) or the network's remat = True"
-    ) from None
-
-
 def _network_notes(network) -> list[str]:
   dtype = getattr(network, "dtype", None)
   name = getattr(dtype, "__name__", None) or getattr(dtype, "name", None) or str(dtype)
@@ -287,9 +256,11 @@ def run(args: argparse.Namespace) -> int:
       f"imagen-jax compile: error: --headroom={args.headroom} must be in [0, 1)", file=sys.stderr
     )
     return 2
+  from imagen_jax import aot
+
   try:
     report, built = compile_train_step(args)
-  except DoesNotFit as e:
+  except aot.DoesNotFit as e:
     print(f"imagen-jax compile: train_step {e}", file=sys.stderr)
     return 1
   except (ValueError, RuntimeError) as e:

@@ -7,15 +7,13 @@ from typing import Any
 
 import jax
 
-# Peak dense bf16 FLOP/s per chip (vendor figures; TPU v4/v5e/v5p/v6e, H100/H200 SXM dense).
+from imagen_jax import tpu_slices
+
+# Peak dense bf16 FLOP/s per device: TPUs from the slice table (by `device_kind`, e.g. 'TPU v5
+# lite', and by generation name, e.g. 'TPU v5e'), H100/H200 SXM dense from NVIDIA's figures.
 PEAK_BF16_FLOPS: dict[str, float] = {
-  "TPU v4": 275e12,
-  "TPU v5 lite": 197e12,  # v5e
-  "TPU v5e": 197e12,
-  "TPU v5": 459e12,  # v5p
-  "TPU v5p": 459e12,
-  "TPU v6 lite": 918e12,  # v6e (Trillium)
-  "TPU v6e": 918e12,
+  **{g.device_kind: g.peak_bf16_flops for g in tpu_slices.GENERATIONS.values()},
+  **{f"TPU {g.name}": g.peak_bf16_flops for g in tpu_slices.GENERATIONS.values()},
   "NVIDIA H100": 989e12,
   "NVIDIA H200": 989e12,
 }

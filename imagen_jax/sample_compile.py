@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from imagen_jax import aot, parallel
 from imagen_jax.diffusion import samplers
+from imagen_jax.training import program as train_program
 
 
 def _lower_sampling(program, mesh, batch: int, config: samplers.SamplerConfig):
@@ -32,7 +33,7 @@ def _lower_sampling(program, mesh, batch: int, config: samplers.SamplerConfig):
   lowres = None
   if cfg.is_super_resolution:
     lowres = sharded((batch, cfg.lowres_resolution, cfg.lowres_resolution, 3), jax.numpy.float32)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  key = train_program.rng_shape()
   params = program.abstract_state.ema_params
   param_shardings = program.state_shardings.ema_params
 
@@ -67,9 +68,7 @@ def compile_sampling(
     sampler="ddim", num_steps=args.sample_steps, guidance_weight=args.sample_guidance
   )
   t0 = time.perf_counter()
-  from imagen_jax.compile_cli import compile_or_explain
-
-  compiled = compile_or_explain(_lower_sampling(program, mesh, batch, config), 1)
+  compiled = aot.compile_or_explain(_lower_sampling(program, mesh, batch, config), 1)
   compile_s = time.perf_counter() - t0
   cfg = program.stage.config
   return dataclasses.replace(

@@ -35,7 +35,6 @@ from imagen_jax import checkpoints, images, parallel, perf
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import Stage, StageConfig
 from imagen_jax.training import program as train_program
-from imagen_jax.training.program import TrainState, ema_decay_at, make_train_step  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,9 @@ def validate_config(
     raise ValueError("MODEL_DIR is empty: pass --gin.MODEL_DIR=\"'/path/or/gs://bucket/run'\"")
   if not data_dir:
     raise ValueError("DATA is empty: pass --gin.DATA=\"'/path/to/precomputed'\"")
-  train_program.check_batch_layout(batch_size, num_microbatches, mesh, jax.process_count())
+  train_program.check_batch_layout(
+    batch_size, num_microbatches, dict(mesh.shape), jax.process_count()
+  )
 
 
 def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int) -> None:

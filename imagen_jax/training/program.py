@@ -144,14 +144,14 @@ class StepSettings:
 
 
 def check_batch_layout(
-  batch_size: int, num_microbatches: int, mesh: Mesh, num_processes: int
+  batch_size: int, num_microbatches: int, mesh_shape: dict[str, int], num_processes: int
 ) -> None:
   """The global batch must split evenly over the mesh, the processes and the microbatches."""
-  dp = parallel.data_parallel_size(mesh)
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
   if batch_size % dp:
     raise ValueError(
       f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size {dp} "
-      f"(mesh {dict(mesh.shape)}: data × fsdp); use a multiple of {dp}"
+      f"(mesh {dict(mesh_shape)}: data × fsdp); use a multiple of {dp}"
     )
   if batch_size % num_processes:
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {num_processes} processes")

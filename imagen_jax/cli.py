@@ -4,7 +4,7 @@ Each subcommand lives in its own module exposing
   `add_arguments(parser: argparse.ArgumentParser) -> None` and
   `run(args: argparse.Namespace) -> int`.
 Modules are imported only when their subcommand runs, so `imagen-jax --help` stays fast.
-Flags are absl-style (`--flag=value`); where configs apply, `--gin_file=F` (repeatable) and
+Errors: see `main`. Flags are absl-style (`--flag=value`); where configs apply, `--gin_file=F` (repeatable) and
 `--gin.KEY=VALUE` bindings are accepted and collected into `args.gin_files` / `args.gin_bindings`.
 """
 
@@ -15,7 +15,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from imagen_jax import gin_utils
+from imagen_jax import errors, gin_utils
+
+VERBOSE_FLAG = "--verbose"
 
 # name -> (module, one-line help). Add a subcommand by adding its line here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="imagen-jax",
     description="Imagen cascaded text-to-image diffusion in JAX/Flax.",
+    epilog=f"{VERBOSE_FLAG} (anywhere on the line) or {errors.VERBOSE_ENV}=1: show the "
+    "traceback of a user error instead of its one-line message.",
   )
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -56,12 +60,33 @@ def _lazy_add_arguments(sub: argparse.ArgumentParser, module_name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of the `imagen-jax` console script."""
+  """Entry point of the `imagen-jax` console script.
+
+  User errors print one line `imagen-jax COMMAND: error: ...` and exit 2 (`--verbose` anywhere
+  on the command line, or IMAGEN_JAX_VERBOSE=1, shows the traceback); Ctrl-C exits 130 with one
+  line; anything else is a bug and keeps its traceback.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = VERBOSE_FLAG in argv or errors.verbose_requested()
+  argv = [a for a in argv if a != VERBOSE_FLAG]
+  command = next((a for a in argv if a in SUBCOMMANDS), None)
+  prog = f"imagen-jax {command}" if command else "imagen-jax"
+  try:
+    return run_command(argv)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs right here
+    if verbose or not errors.is_user_error(e):
+      raise
+    print(f"{prog}: error: {errors.one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def run_command(argv: Sequence[str]) -> int:
+  """Parses `argv` and runs its subcommand; exceptions propagate (for callers embedding us)."""
   gin_bindings, argv = gin_utils.split_gin_binding_flags(argv)
   parser = build_parser()
-  if not SUBCOMMANDS:
-    parser.epilog = "No subcommands are available yet."
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()

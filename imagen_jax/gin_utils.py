@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import gin
 
+from imagen_jax import errors
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
 
@@ -28,7 +30,7 @@ def split_gin_binding_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     if arg.startswith("--gin."):
       key, sep, value = arg[len("--gin.") :].partition("=")
       if not sep or not key:
-        raise ValueError(f"malformed gin binding {arg!r}: write it as --gin.KEY=VALUE")
+        raise errors.UserError(f"malformed gin binding {arg!r}: write it as --gin.KEY=VALUE")
       bindings.append(f"{key} = {value}")
     else:
       rest.append(arg)
@@ -80,7 +82,19 @@ def parse_gin(
   logging.disable(logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
+  except SyntaxError as e:
+    raise errors.UserError(_syntax_hint(e)) from e
   except (ValueError, KeyError, ImportError) as e:
-    raise ValueError(f"invalid gin configuration: {e}") from e
+    raise errors.UserError(f"invalid gin configuration: {e}") from e
   finally:
     logging.disable(previous)
+
+
+def _syntax_hint(exc: SyntaxError) -> str:
+  """gin's parse error, plus the fix for the usual cause: a string value without quotes."""
+  where = f" in {exc.text.strip()!r}" if exc.text else ""
+  return (
+    f"gin could not parse{where}: {str(exc.msg).rstrip('.')}. String values need their own "
+    "quotes inside the flag, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" (in a gin file: "
+    "MODEL_DIR = '/tmp/run')"
+  )

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gin
 import numpy as np
 import pytest
 
 from imagen_jax import cascade, checkpoints, cli, gin_utils
-from tests import cascade_helpers
+from tests import cascade_helpers, cli_helpers
 
 STAGE_GINS = ("configs/stages/demo_base16.gin", "configs/stages/demo_sr32.gin")
 
@@ -77,8 +78,9 @@ def test_export_sample_eval_chain(stage_dirs, capsys):
   with open(os.path.join(bundle, "stages/0_base16/stage.json")) as f:
     spec = json.load(f)
   assert spec["source"]["step"] == 7 and spec["stage_config"]["resolution"] == 16
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    cli.main(["export", f"--stage_dirs={','.join(dirs)}", f"--out={bundle}"])
+  cli_helpers.user_error(
+    capsys, ["export", f"--stage_dirs={','.join(dirs)}", f"--out={bundle}"], "--overwrite"
+  )
 
   out = str(root / "samples")
   prompt = "a large red circle on a white background"
@@ -109,8 +111,7 @@ def test_export_sample_eval_chain(stage_dirs, capsys):
     with Image.open(os.path.join(out, e["file"])) as im:
       assert im.size == (32, 32)
   assert os.path.isfile(os.path.join(out, "grid.png"))
-  with pytest.raises(FileExistsError, match="index.json"):
-    cli.main(argv)
+  cli_helpers.user_error(capsys, argv, "index.json")
 
   # Sampling straight from the training dirs gives the same first image (same weights, seed).
   out2 = str(root / "samples_dirs")
@@ -131,25 +132,33 @@ def test_export_sample_eval_chain(stage_dirs, capsys):
   assert "shapes metric on 2 images" in capsys.readouterr().out
 
 
-def test_sample_and_export_bad_input(stage_dirs, tmp_path):
+def test_sample_and_export_bad_input(stage_dirs, tmp_path, capsys):
   root, dirs = stage_dirs
-  with pytest.raises(FileNotFoundError, match="do not exist"):
-    cli.main(["export", f"--stage_dirs={dirs[0]},{root / 'nope'}", f"--out={tmp_path / 'b'}"])
-  with pytest.raises(ValueError, match="do not chain|not a super-resolution"):
-    cli.main(["export", f"--stage_dirs={dirs[1]},{dirs[0]}", f"--out={tmp_path / 'b'}"])
+  cli_helpers.user_error(
+    capsys,
+    ["export", f"--stage_dirs={dirs[0]},{root / 'nope'}", f"--out={tmp_path / 'b'}"],
+    "do not exist",
+  )
+  cli_helpers.user_error(
+    capsys,
+    ["export", f"--stage_dirs={dirs[1]},{dirs[0]}", f"--out={tmp_path / 'b'}"],
+    "do not chain|not a super-resolution",
+  )
   assert not os.path.exists(tmp_path / "b")
-  with pytest.raises(ValueError, match="no prompts"):
-    cli.main(["sample", f"--stage_dirs={dirs[0]}", f"--out={tmp_path / 's'}"])
-  with pytest.raises(ValueError, match="one per stage"):
-    cli.main(
-      [
-        "sample",
-        f"--stage_dirs={','.join(dirs)}",
-        "--prompt=x",
-        "--steps=1,2,3",
-        f"--out={tmp_path}",
-      ]
-    )
+  cli_helpers.user_error(
+    capsys, ["sample", f"--stage_dirs={dirs[0]}", f"--out={tmp_path / 's'}"], "no prompts"
+  )
+  cli_helpers.user_error(
+    capsys,
+    [
+      "sample",
+      f"--stage_dirs={','.join(dirs)}",
+      "--prompt=x",
+      "--steps=1,2,3",
+      f"--out={tmp_path}",
+    ],
+    "one per stage",
+  )
 
 
 @pytest.mark.parametrize(
@@ -161,10 +170,9 @@ def test_sample_and_export_bad_input(stage_dirs, tmp_path):
     ("--batch_size=16,0,16", "--batch_size='16,0,16'"),
   ],
 )
-def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path):
+def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path, capsys):
   out = tmp_path / "demo_out"
-  with pytest.raises(ValueError, match=pattern):
-    cli.main(["demo", f"--out={out}", flag])
+  cli_helpers.user_error(capsys, ["demo", f"--out={out}", flag], re.escape(pattern))
   assert not out.exists()  # nothing rendered, trained or written
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from imagen_jax import cli, eval_shapes, images
 from imagen_jax.data import shapes
+from tests import cli_helpers
 
 
 def _rendered(n: int, resolution: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
@@ -91,10 +92,8 @@ def test_eval_cli_reads_index_and_prints_table(tmp_path, capsys):
     assert json.load(f)["accuracy"]["all"] == 1.0
 
 
-def test_eval_cli_bad_input(tmp_path):
-  with pytest.raises(FileNotFoundError, match="index.json"):
-    cli.main(["eval", "shapes", f"--images={tmp_path}"])
+def test_eval_cli_bad_input(tmp_path, capsys):
+  cli_helpers.user_error(capsys, ["eval", "shapes", f"--images={tmp_path}"], "index.json")
   (tmp_path / "index.json").write_text(json.dumps({"images": [{"file": "a.png"}]}))
-  with pytest.raises(ValueError, match="'file' and 'prompt'"):
-    cli.main(["eval", "shapes", f"--images={tmp_path}"])
+  cli_helpers.user_error(capsys, ["eval", "shapes", f"--images={tmp_path}"], "'file' and 'prompt'")
   assert os.path.exists(tmp_path / "index.json")

@@ -9,6 +9,7 @@ import pytest
 
 from imagen_jax import cli, gin_utils, info
 from imagen_jax.nn import factory
+from tests import cli_helpers
 
 MICRO_SR = [
   "--gin.efficient_unet.EfficientUNet.image_size=16",
@@ -72,11 +73,9 @@ def test_info_params_only_paper_size_and_remat_flag(capsys):
   assert "train_flops_per_image" not in got
 
 
-def test_info_bad_input():
-  with pytest.raises(ValueError, match="--gin_file"):
-    cli.main(["info"])
-  with pytest.raises(FileNotFoundError, match="nope.gin"):
-    cli.main(["info", "--gin_file=configs/models/nope.gin"])
+def test_info_bad_input(capsys):
+  cli_helpers.user_error(capsys, ["info"], "--gin_file")
+  cli_helpers.user_error(capsys, ["info", "--gin_file=configs/models/nope.gin"], "nope.gin")
   with pytest.raises(ValueError, match="batch_size=0"):
     info.network_info(factory.build_network("tiny_base"), batch_size=0)
   gin_utils.parse_gin(["configs/models/tiny_base.gin"])

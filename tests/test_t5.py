@@ -13,6 +13,7 @@ from flax import traverse_util
 from imagen_jax import cli, parallel
 from imagen_jax.nn import t5
 from imagen_jax.text import encoder, t5_checkpoints, vocabulary
+from tests import cli_helpers
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 SENTENCES = [
@@ -380,7 +381,7 @@ def test_random_init_is_deterministic(spm_path, caplog):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_encode_subcommand(checkpoints, spm_path, tmp_path):
+def test_encode_subcommand(checkpoints, spm_path, tmp_path, capsys):
   out = tmp_path / "emb.npz"
   rc = cli.main(
     [
@@ -413,5 +414,6 @@ def test_encode_subcommand(checkpoints, spm_path, tmp_path):
   np.testing.assert_allclose(
     data["embeddings"], np.asarray(enc.encode(["a red circle", ""])[0]), atol=2e-5
   )
-  with pytest.raises(ValueError, match="--text"):
-    cli.main(["encode", "--t5_checkpoint=random", f"--vocab={spm_path}", f"--out={out}"])
+  cli_helpers.user_error(
+    capsys, ["encode", "--t5_checkpoint=random", f"--vocab={spm_path}", f"--out={out}"], "--text"
+  )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from imagen_jax import gin_utils
+from imagen_jax import errors, gin_utils
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,15 +39,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   gin_utils.add_gin_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-  """Encodes `--text` captions and writes the .npz; returns the exit code."""
+def _check_inputs(args: argparse.Namespace) -> None:
+  """Flag checks that run before the encoder loads."""
   if not args.text:
-    raise ValueError("encode: give at least one --text=CAPTION")
+    raise errors.UserError("give at least one --text=CAPTION")
   out_dir = os.path.dirname(os.path.abspath(args.out))
   if not os.path.isdir(out_dir):
-    raise FileNotFoundError(f"--out={args.out!r}: directory {out_dir!r} does not exist")
+    raise errors.UserError(f"--out={args.out!r}: directory {out_dir!r} does not exist")
+  errors.check_writable_dir(out_dir, "--out's directory")
+  # Remote paths (gs://) are checked by their readers.
+  checkpoint = args.t5_checkpoint
+  if checkpoint != "random" and "://" not in checkpoint and not os.path.exists(checkpoint):
+    raise errors.UserError(
+      f"--t5_checkpoint={checkpoint!r} does not exist (or pass 'random' for random weights)"
+    )
+  if "://" not in args.vocab and not os.path.isfile(args.vocab):
+    raise errors.UserError(f"--vocab={args.vocab!r} is not a file (a SentencePiece .model)")
 
-  import gin
+
+def run(args: argparse.Namespace) -> int:
+  """Encodes `--text` captions and writes the .npz; returns the exit code."""
+  _check_inputs(args)
+
   import numpy as np
 
   from imagen_jax.text import encoder
@@ -61,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if v is not None
   }
   checkpoint = None if args.t5_checkpoint == "random" else args.t5_checkpoint
-  load = gin.get_configurable(encoder.load_text_encoder)
+  load = gin_utils.configured(encoder.load_text_encoder)
   text_encoder = load(checkpoint, args.vocab, **overrides)
   tokens = text_encoder.tokenize(args.text)
   embeddings, mask = text_encoder.encode_tokens(tokens)

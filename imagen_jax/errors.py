@@ -65,3 +65,25 @@ def _is_gin_context(line: str) -> bool:
 def verbose_requested() -> bool:
   """`IMAGEN_JAX_VERBOSE=1` shows tracebacks for user errors too."""
   return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Creates `path` if needed and proves it writable with a probe file, before expensive work.
+
+  Remote paths (gs://...) are left to their writers. `what` names the flag or gin key, e.g.
+  "--out" or "MODEL_DIR", so the one-line error says what to change.
+  """
+  if "://" in path:
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_probe.{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    raise UserError(
+      f"{what}={path!r} is not a writable directory ({reason}): choose a directory you can "
+      "write, or fix its permissions"
+    ) from e

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gin
 
@@ -88,6 +89,18 @@ def parse_gin(
     raise errors.UserError(f"invalid gin configuration: {e}") from e
   finally:
     logging.disable(previous)
+
+
+def configured(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` with the parsed gin bindings applied; `fn` itself when no config mentions it.
+
+  Configs use dynamic registration, so a function is in gin's registry only once a parsed file
+  or binding names it; commands whose gin files are optional must still run without one.
+  """
+  try:
+    return gin.get_configurable(fn)
+  except ValueError:
+    return fn
 
 
 def _syntax_hint(exc: SyntaxError) -> str:

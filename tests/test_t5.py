@@ -1,6 +1,8 @@
 """The T5 v1.1 encoder: parameter tree, sizes, HF parity, checkpoint formats, sharding, CLI."""
 
 import json
+import subprocess
+import sys
 import os
 
 import jax
@@ -417,3 +419,38 @@ def test_encode_subcommand(checkpoints, spm_path, tmp_path, capsys):
   cli_helpers.user_error(
     capsys, ["encode", "--t5_checkpoint=random", f"--vocab={spm_path}", f"--out={out}"], "--text"
   )
+
+
+def test_readme_encode_example_runs_without_gin_from_any_directory(checkpoints, spm_path, tmp_path):
+  """The README's command (no --gin_file) in a fresh process, from outside the repository."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "imagen_jax.cli",
+    "encode",
+    f"--t5_checkpoint={checkpoints['hf']}",
+    f"--vocab={spm_path}",
+    "--size=tiny",
+    "--text=a red square",
+    "--out=emb.npz",
+  ]
+  r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_cpu_env())
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert np.load(tmp_path / "emb.npz")["embeddings"].shape == (1, 128, 64)
+  # A misspelt checkpoint path: one line, exit 2, before anything loads.
+  r = subprocess.run(
+    [*cmd[:4], "--t5_checkpoint=nope", *cmd[5:]],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    env=_cpu_env(),
+  )
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+    "imagen-jax encode: error: --t5_checkpoint='nope' does not exist (or pass 'random' for "
+    "random weights)"
+  ]
+
+
+def _cpu_env() -> dict[str, str]:
+  return dict(os.environ, JAX_PLATFORMS="cpu")

@@ -237,29 +237,33 @@ def load_stage_dir(model_dir: str, step: int | None = None) -> CascadeStage:
 
   Args:
     model_dir: the stage's MODEL_DIR (holding checkpoints/<step>/...).
-    step: checkpoint step (default: the latest).
+    step: checkpoint step (default: the newest that loads; broken newer ones are skipped with a
+      warning and left in place).
 
   Returns:
     The CascadeStage (spec includes model_dir, step and the run's data_dir).
   """
-  from imagen_jax import checkpoints
+  from imagen_jax import checkpoints, errors
 
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"stage dir {model_dir!r} has no checkpoints/ directory")
   ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"stage dir {model_dir!r} has no finalized checkpoint")
-    spec = stage_spec_from_gin(
-      ckpt.read_config(step), source={"model_dir": os.path.abspath(model_dir), "step": int(step)}
-    )
+
+  def load(s: int) -> tuple[dict[str, Any], Stage, Any]:
+    source = {"model_dir": os.path.abspath(model_dir), "step": int(s)}
+    spec = stage_spec_from_gin(ckpt.read_config(s), source=source)
     stage = stage_from_spec(spec)
     abstract = abstract_params(stage, spec["max_length"], spec["text_dim"])
-    params = ckpt.restore_ema_params(step, abstract)
+    return spec, stage, ckpt.restore_ema_params(s, abstract)
+
+  try:
+    loaded = ckpt.load_newest(load, step)  # read-only: nothing is moved aside
   finally:
     ckpt.close()
+  if loaded is None:
+    raise errors.UserError(f"stage dir {model_dir} has no finalized checkpoint in {ckpt_dir}")
+  spec, stage, params = loaded[1]
   return CascadeStage(stage, params, spec)
 
 

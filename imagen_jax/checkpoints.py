@@ -6,18 +6,35 @@ A checkpoint is a step directory with named items:
   data_iterator  the input iterator's JSON state (so resume continues with the next batch)
   config         the operative gin config, as text inside JSON
 Saves are asynchronous; only finalized step directories count. Paths may be local or gs://.
+
+Every reader goes through `Checkpointer.load_newest`: the newest step that loads, falling back
+past truncated or corrupt ones with a warning each; the training job also moves those aside.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import tempfile
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
+from imagen_jax import errors
+
+log = logging.getLogger(__name__)
+
 ITEMS = ("state", "ema_params", "data_iterator", "config")
+CORRUPT_PREFIX = "corrupt."  # a step moved aside: `corrupt.<step>`, which orbax does not count
+_REASON_CHARS = 300
+
+T = TypeVar("T")
+
+
+class UnloadableItem(errors.UserError):
+  """One item of a checkpoint step could not be read; the message names its file and why."""
 
 
 def _use_coordination_service_barriers() -> None:
@@ -29,6 +46,40 @@ def _use_coordination_service_barriers() -> None:
   flag = flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name]
   flag.value = True
   flag.present = 1  # read as set even when absl never parsed the command line
+
+
+def _reason(exc: BaseException) -> str:
+  """`Type: message` on one line, cut short (tensorstore errors run to pages)."""
+  if isinstance(exc, UnloadableItem):
+    return str(exc)
+  text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+  if len(text) > _REASON_CHARS:
+    text = text[:_REASON_CHARS] + "..."
+  return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Creates `path` if missing and proves it writable with a probe file (local paths only).
+
+  `what` names the path in the error (e.g. 'MODEL_DIR').
+
+  Runs before any data loads or program compiles, so a bad output directory costs seconds.
+  Remote paths (gs://...) are left to the first write: probing them costs a round trip.
+  """
+  if "://" in path:
+    return
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_probe-", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    why = e.strerror or type(e).__name__
+    raise errors.UserError(
+      f"{what} {path} is not a writable directory ({why}: {e.filename or path}); "
+      "choose a directory you can write, or fix its permissions"
+    ) from None
 
 
 def absolute_path(path: str) -> str:
@@ -98,6 +149,24 @@ class Checkpointer:
     """True on every host once any host saw a preemption notice (multi-host safe)."""
     return bool(self._manager.reached_preemption(step))
 
+  def _item_path(self, step: int, name: str) -> str:
+    """The file a reader of item `name` at `step` failed on (JSON items: their one file)."""
+    item_dir = os.path.join(self.directory, str(step), name)
+    json_file = os.path.join(item_dir, "metadata")
+    return json_file if "://" not in json_file and os.path.isfile(json_file) else item_dir
+
+  def _restore_items(self, step: int, **args: Any) -> dict[str, Any]:
+    """Restores the named items of one step one at a time, so a failure names its item."""
+    out = {}
+    for name, arg in args.items():
+      try:
+        out[name] = getattr(
+          self._manager.restore(step, args=ocp.args.Composite(**{name: arg})), name
+        )
+      except Exception as e:  # orbax/tensorstore raise many types for a truncated item
+        raise UnloadableItem(f"{self._item_path(step, name)}: {_reason(e)}") from e
+    return out
+
   def restore(
     self, step: int, abstract_state: Any, abstract_ema: Any
   ) -> tuple[Any, Any, dict, str]:
@@ -106,57 +175,136 @@ class Checkpointer:
     Returns:
       (state, ema_params, data iterator state, gin config text).
     """
-    args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      ema_params=ocp.args.StandardRestore(abstract_ema),
-      data_iterator=ocp.args.JsonRestore(),
+    # Cheap items first: a truncated step is found before its arrays are read.
+    r = self._restore_items(
+      step,
       config=ocp.args.JsonRestore(),
+      data_iterator=ocp.args.JsonRestore(),
+      ema_params=ocp.args.StandardRestore(abstract_ema),
+      state=ocp.args.StandardRestore(abstract_state),
     )
-    restored = self._manager.restore(step, args=args)
-    return (
-      restored.state,
-      restored.ema_params,
-      restored.data_iterator,
-      restored.config["gin"],
+    return r["state"], r["ema_params"], r["data_iterator"], r["config"]["gin"]
+
+  def load_newest(
+    self, load: Callable[[int], T], step: int | None = None, move_aside: bool = False
+  ) -> tuple[int, T] | None:
+    """`(step, load(step))` for the newest step that loads: the one loader every reader uses.
+
+    A step whose `load` raises is skipped with a one-line warning (step, directory, why). With
+    `move_aside` (the training job, which owns the directory) skipped steps are renamed to
+    `corrupt.<step>` once an older step has loaded, so keep-last-K stops counting them and the
+    run can save that step again; nothing is moved when no step loads (a changed model config
+    fails on every step, and must not look like a fresh start on the next launch).
+
+    Args:
+      load: reads what the caller needs from one step (raises if it cannot).
+      step: load exactly this step: failing is an error, never a fallback.
+      move_aside: rename skipped steps (training only; sample/export only read).
+
+    Returns:
+      (step, loaded) or None when the directory has no finalized checkpoint.
+
+    Raises:
+      errors.UserError: `step` does not load, or no step does (naming the steps and why).
+    """
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise errors.UserError(
+          f"checkpoint step {step} is not in {self.directory} (finalized steps: {steps or 'none'})"
+        )
+      try:
+        return step, load(step)
+      except Exception as e:  # any failure of an explicitly chosen step is the user's answer
+        raise errors.UserError(f"checkpoint step {step} does not load: {_reason(e)}") from e
+    failed: list[tuple[int, str]] = []
+    for candidate in reversed(steps):
+      try:
+        loaded = load(candidate)
+      except Exception as e:  # a truncated or corrupt item: fall back to the previous step
+        failed.append((candidate, _reason(e)))
+        log.warning(
+          "skipping checkpoint step %d in %s: %s", candidate, self.directory, failed[-1][1]
+        )
+        continue
+      if failed and move_aside:
+        self._move_aside([s for s, _ in failed])
+      return candidate, loaded
+    if not failed:
+      return None
+    first_step, first_reason = failed[0]
+    tried = ", ".join(str(s) for s, _ in failed)
+    raise errors.UserError(
+      f"no checkpoint in {self.directory} loads (tried steps {tried}); step {first_step}: "
+      f"{first_reason}; restore the files, move the broken steps away, or use a fresh "
+      "directory if the model config changed"
     )
 
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames unloadable steps to `corrupt.<step>` (kept for inspection, never deleted)."""
+    from etils import epath
+
+    if jax.process_index() == 0:
+      for step in steps:
+        src = epath.Path(self.directory) / str(step)
+        dst = epath.Path(self.directory) / f"{CORRUPT_PREFIX}{step}"
+        n = 1
+        while dst.exists():
+          dst = epath.Path(self.directory) / f"{CORRUPT_PREFIX}{step}.{n}"
+          n += 1
+        try:
+          src.rename(dst)
+        except Exception as e:  # e.g. a store without directory renames: leave it, say so
+          log.warning("could not move checkpoint step %d aside (%s); it stays", step, e)
+          continue
+        log.warning(
+          "moved unloadable checkpoint step %d to %s (kept for inspection; keep-last-K no "
+          "longer counts it)",
+          step,
+          dst,
+        )
+    if jax.process_count() > 1:
+      from imagen_jax import parallel
+
+      parallel.wait_for_all_processes("checkpoints_moved_aside")
+    self._manager.reload()
+
   def restore_latest(
-    self, abstract_state: Any, abstract_ema: Any
+    self, abstract_state: Any, abstract_ema: Any, move_aside: bool = False
   ) -> tuple[int, tuple[Any, Any, dict, str]] | None:
-    """Restores the newest checkpoint that loads; falls back past corrupt ones.
+    """Restores the newest checkpoint that loads (see `load_newest`).
 
     Returns:
       (step, restored items) or None when no checkpoint exists.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        return step, self.restore(step, abstract_state, abstract_ema)
-      except Exception as e:  # a truncated or corrupt item: fall back to the previous step
-        logging.warning(
-          "checkpoint step %d in %s could not be restored (%s: %s); trying the previous one",
-          step,
-          self.directory,
-          type(e).__name__,
-          e,
-        )
-    return None
+    return self.load_newest(
+      lambda s: self.restore(s, abstract_state, abstract_ema), move_aside=move_aside
+    )
+
+  def _at_or_newest(self, read: Callable[[int], T], step: int | None) -> T:
+    """`read(step)` (its error names the file), or of the newest step that loads."""
+    if step is not None:
+      return read(step)
+    loaded = self.load_newest(read)
+    if loaded is None:
+      raise errors.UserError(f"no finalized checkpoint in {self.directory}")
+    return loaded[1]
 
   def restore_ema_params(self, step: int | None, abstract_ema: Any | None = None) -> Any:
-    """Reads only the EMA parameters (for sampling / export)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
-    item = ocp.args.StandardRestore(abstract_ema) if abstract_ema is not None else None
-    args = ocp.args.Composite(ema_params=item or ocp.args.StandardRestore())
-    return self._manager.restore(step, args=args).ema_params
+    """Reads only the EMA parameters (for sampling / export) of `step` (None: newest loadable)."""
+
+    def read(s: int) -> Any:
+      return self._restore_items(s, ema_params=ocp.args.StandardRestore(abstract_ema))["ema_params"]
+
+    return self._at_or_newest(read, step)
 
   def read_config(self, step: int | None = None) -> str:
-    """The gin config text saved with a checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored.config["gin"]
+    """The gin config text saved with a checkpoint (`step` None: the newest loadable)."""
+
+    def read(s: int) -> str:
+      return self._restore_items(s, config=ocp.args.JsonRestore())["config"]["gin"]
+
+    return self._at_or_newest(read, step)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

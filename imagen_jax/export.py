@@ -11,7 +11,9 @@ Layout (format_version 1):
   stages/<k>_<name>/denoise_step.json    its input names, shapes and dtypes
 
 The bundle is written to a temporary sibling directory and renamed into place at the end, so a
-failed export never leaves a half bundle or touches an existing one.
+failed export never leaves a half bundle or touches an existing one. The temporary directory's
+name carries its writer's pid and host, so the next export to the same target removes the ones
+left by killed writers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -118,6 +121,60 @@ def export_denoise_step(stage: cascade.CascadeStage, params: Any) -> bytes:
 # ================================================================================================
 
 
+def _temp_prefix(out_dir: str) -> str:
+  """Hidden sibling of `out_dir`: `.<name>.tmp-` (then `<pid>@<host>@<random>`)."""
+  return f".{os.path.basename(os.path.abspath(out_dir))}.tmp-"
+
+
+def _host() -> str:
+  return socket.gethostname().replace("@", "_").replace(os.sep, "_")
+
+
+def make_temp_dir(out_dir: str) -> str:
+  """Creates the temporary directory a bundle for `out_dir` is written into."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  prefix = f"{_temp_prefix(out_dir)}{os.getpid()}@{_host()}@"
+  return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
+def _writer_alive(pid: int, host: str) -> bool:
+  if host != _host():
+    return True  # another machine's process: cannot tell, so keep its directory
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's live process
+  return True
+
+
+def remove_stale_temp_dirs(out_dir: str) -> list[str]:
+  """Removes temporary bundles of `out_dir` whose writer (same host) is no longer running.
+
+  Returns:
+    The removed directories.
+  """
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  prefix = _temp_prefix(out_dir)
+  if not os.path.isdir(parent):
+    return []
+  removed = []
+  for name in sorted(os.listdir(parent)):
+    if not name.startswith(prefix):
+      continue
+    pid, _, rest = name[len(prefix) :].partition("@")
+    host = rest.rpartition("@")[0]
+    if not pid.isdigit() or not host or _writer_alive(int(pid), host):
+      continue  # a live (or unknown) writer's: not ours to remove
+    path = os.path.join(parent, name)
+    shutil.rmtree(path, ignore_errors=True)
+    log.warning("removed %s, left by export process %s on %s (no longer running)", path, pid, host)
+    removed.append(path)
+  return removed
+
+
 def stage_dir_name(index: int, stage: cascade.CascadeStage) -> str:
   safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage.config.name)
   return f"{index}_{safe}"
@@ -164,9 +221,8 @@ def export_bundle(
       raise ValueError(f"encoder_reference needs {key!r}, got {encoder_reference}")
   cascade.check_chain(stages)
 
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  remove_stale_temp_dirs(out_dir)
+  tmp = make_temp_dir(out_dir)
   try:
     enc_dir = os.path.join(tmp, "text_encoder")
     os.makedirs(enc_dir)
@@ -326,7 +382,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   """Runs `imagen-jax export`."""
 
-  from imagen_jax import cascade
+  from imagen_jax import cascade, checkpoints
 
   stage_dirs = [d for d in args.stage_dirs.split(",") if d]
   missing = [d for d in stage_dirs if not os.path.isdir(d)]
@@ -334,6 +390,10 @@ def run(args) -> int:
     raise FileNotFoundError(f"--stage_dirs: these do not exist: {missing}")
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"--out={args.out!r} already exists; pass --overwrite to replace it")
+  # Before any stage loads (minutes for big ones): the bundle is written beside --out.
+  checkpoints.check_writable_dir(
+    os.path.dirname(os.path.abspath(args.out)), f"--out={args.out}: its parent directory"
+  )
   stages = [cascade.load_stage_dir(d) for d in stage_dirs]
   ref, vocab = cascade.resolve_encoder_reference(
     stages, args.vocab, args.t5_checkpoint, args.t5_size

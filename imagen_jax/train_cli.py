@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imagen_jax import gin_utils
+from imagen_jax import errors, gin_utils
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
   import logging
   import os
 
+  if not args.gin_file:  # before importing JAX: answered in well under a second
+    raise errors.UserError("pass at least one --gin_file (a stage recipe and a run)")
   if args.num_cpu_devices:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
@@ -52,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
   for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
-  if not args.gin_file:
-    raise SystemExit("imagen-jax train: pass at least one --gin_file (a stage recipe and a run)")
   from imagen_jax import parallel, train
 
   # Parse (and reject unknown bindings) before touching any device.

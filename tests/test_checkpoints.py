@@ -1,14 +1,17 @@
-"""The orbax checkpointer: named items round-trip, keep-last-K, fallback past a corrupt step."""
+"""The orbax checkpointer: named items round-trip, keep-last-K, every reader falls back past a
+truncated or corrupt step (real orbax files, damaged on disk), training moves such steps aside."""
 
 import glob
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from imagen_jax import checkpoints, parallel
+from imagen_jax import checkpoints, errors, parallel
 
 
 def _trees(scale: float):
@@ -39,17 +42,119 @@ def test_round_trip_keep_last_and_corrupt_fallback(tmp_path, caplog):
   ckpt.close()
 
   # Corrupt the newest step's EMA arrays: restore warns and falls back to step 2.
-  for path in glob.glob(str(tmp_path / "3" / "ema_params" / "**" / "*"), recursive=True):
-    if os.path.isfile(path) and not path.endswith((".json", "_METADATA")):
-      with open(path, "wb") as f:
-        f.write(b"garbage")
+  _garble_arrays(tmp_path / "3" / "ema_params")
   ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=2, save_interval_steps=1)
   with caplog.at_level(logging.WARNING):
     step, (s, e, it, _) = ckpt.restore_latest(_abstract(state, mesh), _abstract(ema, mesh))
   assert step == 2 and it["position"] == 2
   np.testing.assert_array_equal(e["w"], -2.0)
-  assert "could not be restored" in caplog.text
+  assert f"skipping checkpoint step 3 in {tmp_path}: {tmp_path / '3' / 'ema_params'}" in caplog.text
+  assert os.path.isdir(tmp_path / "3"), "a reader never moves steps"
   ckpt.close()
+
+
+def _garble_arrays(item_dir):
+  """Overwrites an array item's data files (what a torn write to storage leaves)."""
+  for path in glob.glob(str(item_dir / "**" / "*"), recursive=True):
+    if os.path.isfile(path) and not path.endswith((".json", "_METADATA")):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+
+
+def _truncate(path, keep=5):
+  with open(path, "rb") as f:
+    data = f.read()
+  assert len(data) > keep, path
+  with open(path, "wb") as f:
+    f.write(data[:keep])
+
+
+def _saved(directory, steps, max_to_keep=3):
+  ckpt = checkpoints.Checkpointer(
+    str(directory), max_to_keep=max_to_keep, save_interval_steps=1, async_save=False
+  )
+  for step in steps:
+    state, ema = _trees(float(step))
+    ckpt.save(step, state, ema, {"position": step}, f"# gin at {step}")
+  return ckpt
+
+
+def test_every_reader_skips_a_truncated_newest_step(tmp_path, caplog):
+  mesh = parallel.create_mesh()
+  _saved(tmp_path, (1, 2)).close()
+  _truncate(tmp_path / "2" / "config" / "metadata")  # the JSON item: a JSONDecodeError
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    assert ckpt.read_config() == "# gin at 1"
+    # A reader of the EMA alone reads an item that is intact at step 2.
+    np.testing.assert_array_equal(ckpt.restore_ema_params(None)["w"], -2.0)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, warnings
+  config_file = tmp_path / "2" / "config" / "metadata"
+  assert warnings[0].startswith(f"skipping checkpoint step 2 in {tmp_path}: {config_file}: ")
+  assert "JSONDecodeError" in warnings[0] and "\n" not in warnings[0]
+  # An explicit step is an answer, not a hint: its failure names the file.
+  with pytest.raises(
+    errors.UserError, match=re.escape(f"{tmp_path / '2' / 'config' / 'metadata'}")
+  ):
+    ckpt.read_config(2)
+  state, ema = _trees(0.0)
+  with pytest.raises(errors.UserError, match=r"checkpoint step 2 does not load: .*metadata"):
+    ckpt.load_newest(lambda s: ckpt.restore(s, _abstract(state, mesh), _abstract(ema, mesh)), 2)
+  with pytest.raises(errors.UserError, match=r"step 9 is not in .*finalized steps: \[1, 2\]"):
+    ckpt.load_newest(ckpt.read_config, 9)
+  ckpt.close()
+
+
+def test_no_loadable_step_is_one_line_naming_the_steps(tmp_path):
+  _saved(tmp_path, (1, 2)).close()
+  _truncate(tmp_path / "2" / "config" / "metadata")
+  _garble_arrays(tmp_path / "1" / "ema_params")
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  with pytest.raises(errors.UserError) as e:
+    ckpt.load_newest(lambda s: (ckpt.read_config(s), ckpt.restore_ema_params(s)), move_aside=True)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith(f"no checkpoint in {tmp_path} loads (tried steps 2, 1); step 2: "), msg
+  assert "JSONDecodeError" in msg
+  # Nothing moves when nothing loads: every step failing is more likely a changed config.
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  ckpt.close()
+
+
+def test_training_moves_a_corrupt_step_out_of_keep_last_k(tmp_path, caplog):
+  mesh = parallel.create_mesh()
+  _saved(tmp_path, (1, 2, 3), max_to_keep=2).close()
+  _garble_arrays(tmp_path / "3" / "state")
+  state, ema = _trees(0.0)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), max_to_keep=2, save_interval_steps=1)
+  with caplog.at_level(logging.WARNING):
+    step, _ = ckpt.restore_latest(_abstract(state, mesh), _abstract(ema, mesh), move_aside=True)
+  assert step == 2
+  assert ckpt.all_steps() == [2]
+  assert os.path.isdir(tmp_path / "corrupt.3"), "moved aside, never deleted"
+  assert f"moved unloadable checkpoint step 3 to {tmp_path / 'corrupt.3'}" in caplog.text
+  # The run redoes step 3 and goes on: keep-last-2 now keeps the good steps 3 and 4. (With
+  # the corrupt step counted, saving 3 would fail and 4 would delete the good step 2.)
+  for step in (3, 4):
+    state, ema = _trees(float(step))
+    assert ckpt.save(step, state, ema, {"position": step}, "# gin")
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps() == [3, 4]
+  assert sorted(os.listdir(tmp_path)) == ["3", "4", "corrupt.3"]
+  step, (_, e, it, _) = ckpt.restore_latest(_abstract(state, mesh), _abstract(ema, mesh))
+  assert step == 4 and it == {"position": 4}
+  ckpt.close()
+
+
+def test_check_writable_dir(tmp_path):
+  checkpoints.check_writable_dir(str(tmp_path / "new" / "run"), "MODEL_DIR")
+  assert os.listdir(tmp_path / "new" / "run") == [], "created, probe removed"
+  (tmp_path / "a_file").write_text("x")
+  # Under a regular file nothing can be created, even by root.
+  with pytest.raises(errors.UserError, match=r"^MODEL_DIR .*a_file/sub is not a writable dir"):
+    checkpoints.check_writable_dir(str(tmp_path / "a_file" / "sub"), "MODEL_DIR")
+  checkpoints.check_writable_dir("gs://bucket/run", "MODEL_DIR")  # remote: left to the writes
 
 
 def test_empty_directory_has_nothing_to_restore(tmp_path):

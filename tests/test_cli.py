@@ -161,6 +161,49 @@ def test_sample_and_export_bad_input(stage_dirs, tmp_path, capsys):
   )
 
 
+def test_export_skips_a_truncated_newest_checkpoint(stage_dirs, tmp_path, capsys, caplog):
+  import logging
+  import shutil
+  import time
+
+  root, dirs = stage_dirs
+  # The base stage with a newer step 9 whose config JSON was cut short (a kill mid-copy).
+  base = tmp_path / "base"
+  shutil.copytree(dirs[0], base)
+  shutil.copytree(base / "checkpoints" / "7", base / "checkpoints" / "9")
+  config_json = base / "checkpoints" / "9" / "config" / "metadata"
+  config_json.write_bytes(config_json.read_bytes()[:5])
+  bundle = tmp_path / "bundle"
+  with caplog.at_level(logging.WARNING):
+    assert cli.main(["export", f"--stage_dirs={base},{dirs[1]}", f"--out={bundle}"]) == 0
+  assert f"skipping checkpoint step 9 in {base / 'checkpoints'}: {config_json}: " in caplog.text
+  spec = json.loads((bundle / "stages" / "0_base16" / "stage.json").read_text())
+  assert spec["source"]["step"] == 7
+  assert os.path.isdir(base / "checkpoints" / "9"), "export only reads: nothing is moved"
+  # `sample --stage_dirs` loads through the same function; an explicit step does not fall back.
+  assert cascade.load_stage_dir(str(base)).spec["source"]["step"] == 7
+  with pytest.raises(ValueError, match=re.escape(str(config_json))):
+    cascade.load_stage_dir(str(base), step=9)
+  # With no loadable step: one line naming the directory, the steps tried and the first reason.
+  arrays = base / "checkpoints" / "7" / "ema_params" / "manifest.ocdbt"
+  arrays.write_bytes(arrays.read_bytes()[:5])
+  cli_helpers.user_error(
+    capsys,
+    ["export", f"--stage_dirs={base},{dirs[1]}", f"--out={tmp_path / 'b2'}"],
+    re.escape(f"no checkpoint in {base / 'checkpoints'} loads (tried steps 9, 7); step 9: ")
+    + ".*JSONDecodeError",
+  )
+  # An --out that cannot be written fails before any stage loads.
+  (tmp_path / "a_file").write_text("x")
+  t0 = time.time()
+  cli_helpers.user_error(
+    capsys,
+    ["export", f"--stage_dirs={','.join(dirs)}", f"--out={tmp_path / 'a_file' / 'sub' / 'b'}"],
+    r"--out=.*a_file/sub/b: its parent directory .*a_file/sub is not a writable directory",
+  )
+  assert time.time() - t0 < 2.0
+
+
 @pytest.mark.parametrize(
   "flag,pattern",
   [

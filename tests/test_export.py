@@ -122,3 +122,40 @@ def test_refusals_leave_everything_untouched(exported, tmp_path):
     export.load_stages(str(tampered))
   with pytest.raises(FileNotFoundError, match="no manifest.json"):
     export.load_bundle(str(tmp_path))
+
+
+def test_rerun_removes_the_temp_dir_of_a_killed_export(exported, tmp_path, caplog):
+  import logging
+  import signal
+  import subprocess
+  import sys
+
+  direct, bundle, _ = exported
+  ref, vocab = export.load_encoder_reference(bundle)
+  out = str(tmp_path / "bundle")
+  # A real export process creates its temporary bundle (as mid-write) and is SIGKILLed.
+  code = (
+    "import sys, time; from imagen_jax import export; "
+    "d = export.make_temp_dir(sys.argv[1]); open(d + '/half', 'w').write('x'); "
+    "print(d, flush=True); time.sleep(600)"
+  )
+  killed = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True)
+  stale = killed.stdout.readline().strip()
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  # One of a writer that is still running stays.
+  alive = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True)
+  try:
+    live = alive.stdout.readline().strip()
+    assert os.path.isdir(stale) and os.path.isdir(live)
+    with caplog.at_level(logging.WARNING):
+      export.export_bundle(direct.stages[:1], ref, vocab, out, portable_step=False)
+    assert not os.path.exists(stale)
+    assert f"removed {stale}, left by export process {killed.pid}" in caplog.text
+    assert os.path.isdir(live), "a live writer's directory is not ours to remove"
+  finally:
+    alive.kill()
+    alive.wait()
+  export.read_manifest(out)  # complete: every file present with its sha256
+  left = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+  assert left == [os.path.basename(live)]

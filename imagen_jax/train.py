@@ -31,7 +31,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from imagen_jax import checkpoints, images, parallel, perf
+from imagen_jax import checkpoints, errors, images, parallel, perf
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import Stage, StageConfig
 from imagen_jax.training import program as train_program
@@ -59,17 +59,31 @@ def validate_config(
   train_program.check_batch_layout(
     batch_size, num_microbatches, dict(mesh.shape), jax.process_count()
   )
+  # Last: the checks above must not leave an empty MODEL_DIR behind.
+  checkpoints.check_writable_dir(model_dir, "MODEL_DIR")
 
 
-def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int) -> None:
+def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int, network: Any = None) -> None:
   """The data's text length and width must be the ones the network is built for."""
   emb_shape = shapes["text_emb"][0]
-  if tuple(emb_shape[-2:]) != (max_length, text_dim):
-    raise ValueError(
-      f"the data's text embeddings are [{emb_shape[-2]}, {emb_shape[-1]}] per example but the "
-      f"config expects max_length={max_length}, text_dim={text_dim}; set MAX_LENGTH / TEXT_DIM "
-      "to match the precompute manifest"
-    )
+  length, width = int(emb_shape[-2]), int(emb_shape[-1])
+  if (length, width) == (max_length, text_dim):
+    return
+  # The paper stage configs bind these through MAX_LENGTH / TEXT_DIM, the tiny and demo ones
+  # directly: a binding of train.train.* on the command line overrides both kinds.
+  fixes = []
+  if length != max_length:
+    fixes.append(f"--gin.train.train.max_length={length}")
+  if width != text_dim:
+    fixes.append(f"--gin.train.train.text_dim={width}")
+    if network is not None and hasattr(network, "text_dim"):
+      module = type(network).__module__.rsplit(".", 1)[-1]
+      fixes.append(f"--gin.{module}.{type(network).__name__}.text_dim={width}")
+  raise errors.UserError(
+    f"the data's text embeddings are [{length}, {width}] per example (DATA/manifest.json: "
+    f"max_length, embedding_width) but the config expects max_length={max_length}, "
+    f"text_dim={text_dim}; pass {' '.join(fixes)}, or precompute the data again to match"
+  )
 
 
 # ================================================================================================
@@ -200,7 +214,7 @@ def train(
     tfds_name=tfds_name,
     expected_encoder=expected_encoder,
   )
-  _check_batch_shapes(data_iter.batch_shapes(), max_length, text_dim)
+  _check_batch_shapes(data_iter.batch_shapes(), max_length, text_dim, network)
 
   if is_main:
     log.info("data ready (%d examples) after %.1fs", data_iter.num_examples, time.time() - t_start)
@@ -245,7 +259,8 @@ def train(
     state.replace(ema_params=None), state_shardings.replace(ema_params=None)
   )
   abstract_ema = checkpoints.abstract_with_shardings(state.ema_params, state_shardings.ema_params)
-  restored = ckpt.restore_latest(abstract_state, abstract_ema)
+  # The job owns MODEL_DIR: unloadable steps are moved aside, so keep-last-K stops counting them.
+  restored = ckpt.restore_latest(abstract_state, abstract_ema, move_aside=True)
   if restored is not None:
     step0, (saved_state, saved_ema, iter_state, _) = restored
     state = saved_state.replace(ema_params=saved_ema)
@@ -261,6 +276,11 @@ def train(
   keys_log = _JsonLines(
     os.path.join(model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
   )
+  # Steps after the restored one were logged by a run that died before checkpointing them;
+  # they are about to be redone, so drop them: the files stay one clean history.
+  if is_main:
+    metrics_log.drop_after(start_step)
+  keys_log.drop_after(start_step)
   preemption = _Preemption()
   preemption.install()
   sample_cond = None
@@ -367,6 +387,39 @@ class _JsonLines:
 
   def __init__(self, path: str):
     self.path = path
+
+  def drop_after(self, step: int) -> int:
+    """Rewrites the file without records past `step` (and a line torn by a kill), atomically.
+
+    Returns:
+      The number of lines dropped.
+    """
+    import json
+
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(self.path):
+      return 0
+    with tf.io.gfile.GFile(self.path) as f:
+      lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # half a line: the writer was killed mid-write
+      if line.endswith("\n") and record.get("step", 0) <= step:
+        kept.append(line)
+    if len(kept) == len(lines):
+      return 0
+    tmp = f"{self.path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write("".join(kept))
+    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    log.info(
+      "%s: dropped %d records past step %d (redone now)", self.path, len(lines) - len(kept), step
+    )
+    return len(lines) - len(kept)
 
   def write(self, step: int, value: Any) -> None:
     import json

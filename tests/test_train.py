@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import checkpoints, gin_utils, train
+from imagen_jax import checkpoints, errors, gin_utils, train
 from tests import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +175,12 @@ def _params_at(model_dir, step):
     ckpt.close()
 
 
+def _logged_steps(path):
+  """The step of every record, duplicates included (what a reader of the raw file sees)."""
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
 def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
   k = 6
   straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
@@ -181,6 +188,7 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
     f"--gin.train.train.num_train_steps={2 * k}",
     f"--gin.train.train.checkpoint_every={k}",
     "--gin.train.train.record_example_keys=True",
+    "--gin.train.train.log_every=1",
   ]
   cmd, env = _cli(straight, data_dir, extra=common)
   subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
@@ -190,8 +198,11 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   ckpt_dir = os.path.join(crashed, "checkpoints", str(k))
   keys_file = os.path.join(crashed, "example_keys", "process_0.jsonl")
+  metrics_file = os.path.join(crashed, "metrics.jsonl")
   _wait_for(
-    lambda: os.path.isdir(ckpt_dir) and _line_count(keys_file) >= k + 2,
+    lambda: (
+      os.path.isdir(ckpt_dir) and min(_line_count(keys_file), _line_count(metrics_file)) >= k + 2
+    ),
     timeout=240,
     proc=proc,
     what=f"checkpoint {k} and step {k + 2}",
@@ -206,6 +217,10 @@ def test_resume_after_sigkill_is_exact(data_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
   assert _keys_by_step(straight) == _keys_by_step(crashed)
   assert sorted(_keys_by_step(crashed)) == list(range(1, 2 * k + 1))
+  # Steps k+1.. were logged twice (before the kill, and redone): the resume dropped the first.
+  assert _logged_steps(metrics_file) == list(range(1, 2 * k + 1))
+  assert _logged_steps(keys_file) == list(range(1, 2 * k + 1))
+  assert _metrics(crashed)[-1]["loss"] == pytest.approx(_metrics(straight)[-1]["loss"], abs=1e-6)
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
@@ -321,3 +336,79 @@ def test_missing_model_dir_fails_fast(data_dir):
     )
     train.configurable_train()()
   assert time.time() - t0 < 1.0
+
+
+def test_resume_moves_a_truncated_newest_checkpoint_aside(data_dir, tmp_path, caplog):
+  """A truncated newest step: the job resumes from the one before, moves the broken one aside
+  (kept, no longer counted by keep-last-K), redoes its steps and logs each step once."""
+  import logging
+
+  model_dir = str(tmp_path)
+  extra = dict(log_every=1, checkpoint_every=1, keep_checkpoints=2, async_checkpointing=False)
+  _run_in_process(
+    "configs/stages/tiny_base.gin",
+    "configs/mesh/cpu1.gin",
+    model_dir,
+    data_dir,
+    num_train_steps=2,
+    **extra,
+  )
+  config_json = tmp_path / "checkpoints" / "2" / "config" / "metadata"
+  config_json.write_bytes(config_json.read_bytes()[:5])
+  with caplog.at_level(logging.WARNING):
+    _run_in_process(
+      "configs/stages/tiny_base.gin",
+      "configs/mesh/cpu1.gin",
+      model_dir,
+      data_dir,
+      num_train_steps=3,
+      **extra,
+    )
+  assert f"skipping checkpoint step 2 in {tmp_path / 'checkpoints'}: {config_json}" in caplog.text
+  assert "moved unloadable checkpoint step 2" in caplog.text
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3", "corrupt.2"]
+  assert _logged_steps(tmp_path / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_unwritable_model_dir_fails_fast_with_one_line(data_dir, tmp_path, capsys):
+  from tests import cli_helpers
+
+  (tmp_path / "a_file").write_text("x")
+  unwritable = [tmp_path / "a_file" / "sub"]  # fails for root too: nothing nests in a file
+  if os.geteuid() != 0:  # root ignores permission bits
+    (tmp_path / "ro").mkdir(mode=0o555)
+    unwritable.append(tmp_path / "ro" / "run")
+  for model_dir in unwritable:
+    t0 = time.time()
+    cmd, _ = _cli(model_dir, data_dir)
+    cli_helpers.user_error(
+      capsys,
+      cmd[cmd.index("train") :],  # the same command line, run in this process
+      re.escape(f"MODEL_DIR {model_dir} is not a writable directory (")
+      + ".*choose a directory you can write",
+    )
+    assert time.time() - t0 < 2.0
+
+
+def test_no_gin_file_is_a_user_error(capsys):
+  from tests import cli_helpers
+
+  cli_helpers.user_error(capsys, ["train"], r"error: pass at least one --gin_file \(")
+
+
+def test_text_shape_mismatch_names_bindings_that_exist(data_dir, tmp_path):
+  from imagen_jax.nn import unet
+
+  shapes = {"text_emb": ((16, 32, 48), "float32")}
+  with pytest.raises(errors.UserError) as e:
+    train._check_batch_shapes(shapes, 16, 64, unet.UNet(text_dim=64))
+  msg = str(e.value)
+  fixes = re.findall(r"--gin\.([^\s,]+)", msg)
+  assert fixes == ["train.train.max_length=32", "train.train.text_dim=48", "unet.UNet.text_dim=48"]
+  assert "\n" not in msg and "MAX_LENGTH" not in msg
+  # Every suggested binding is one the configs accept (unknown ones are rejected at parse).
+  gin_utils.parse_gin(
+    ["configs/stages/tiny_base.gin", "configs/mesh/cpu.gin", "configs/runs/tiny.gin"],
+    [*_bindings(str(tmp_path), data_dir), *(f.replace("=", " = ") for f in fixes)],
+  )
+  assert gin_utils.gin.query_parameter("unet.UNet.text_dim") == 48

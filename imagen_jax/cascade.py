@@ -282,12 +282,16 @@ def encoder_reference_from_data(data_dir: str | None) -> dict[str, Any]:
     manifest = json.load(f)
   ref = dict(manifest.get("encoder", {}))
   ref["vocab_file"] = manifest.get("vocab_file")
+  # The encoder identity carries the vocabulary's hash; older manifests only at the top level.
+  if manifest.get("vocab_sha256") and "vocab_sha256" not in ref:
+    ref["vocab_sha256"] = manifest["vocab_sha256"]
   ref["data_dir"] = data_dir
   return ref
 
 
 def find_vocabulary(reference: dict[str, Any]) -> str | None:
-  """Looks for the manifest's vocabulary file beside / above its data dir (sha256-checked)."""
+  """Looks for the manifest's vocabulary file in its data dir (where precompute copies it), then
+  beside it (sha256-checked)."""
   from imagen_jax.text import vocabulary
 
   name, data_dir = reference.get("vocab_file"), reference.get("data_dir")

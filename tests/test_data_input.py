@@ -2,14 +2,16 @@
 
 import json
 import os
+import re
 import shutil
 
+import gin
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import parallel
+from imagen_jax import errors, gin_utils, parallel
 from imagen_jax.data import global_batch, input_pipeline, precompute, records, shapes, shards
 from imagen_jax.text import encoder as text_encoder
 from imagen_jax.text import vocabulary
@@ -213,10 +215,16 @@ def test_truncated_or_missing_shard(data, tmp_path):
   name = f"{d}/train-00003-of-00008.tfrecord"
   with open(name, "r+b") as f:
     f.truncate(os.path.getsize(name) - 10)
-  with pytest.raises(ValueError, match=r"train-00003-of-00008.tfrecord is \d+ bytes but"):
+  # One line naming the shard and the manifest's own precompute command, with --verify.
+  repair = re.escape(f"fix: rerun `{data['manifest']['command']} --verify`")
+  with pytest.raises(
+    records.CorruptDataError, match=rf"00003-of-00008.tfrecord: it is \d+ bytes but .*{repair}"
+  ):
     _iter(d)
   os.remove(name)
-  with pytest.raises(FileNotFoundError, match=r"train-00003-of-00008.tfrecord is missing"):
+  with pytest.raises(
+    records.CorruptDataError, match=rf"train-00003-of-00008.tfrecord: it is missing; {repair}"
+  ):
     _iter(d)
 
 
@@ -236,10 +244,61 @@ def test_corrupt_records_are_skipped_and_counted_up_to_a_fraction(data, tmp_path
   assert it.corrupt_count == 1
   # Every good example, the corrupt one never (its row took another example of its batch).
   assert len(set(keys) | set(rest)) == NUM - 1
-  with pytest.raises(ValueError, match="1 of 64 records are corrupt, more than max_corrupt"):
+  strict = _iter(d, max_corrupt_fraction=0.0)
+  with pytest.raises(records.CorruptDataError) as e:
+    for _ in range(NUM // 8):
+      next(strict)
+  msg = str(e.value)
+  print(f"\ntraining error: {msg}")
+  assert isinstance(e.value, errors.UserError) and "\n" not in msg
+  assert msg.startswith("1 of 64 records are corrupt, more than max_corrupt_fraction=0.0, in ")
+  assert f"in {name}; fix: rerun `imagen-jax precompute --source=shapes" in msg
+  assert f"--out={data['dir']}" in msg and "--verify` (it rewrites only the bad shards)" in msg
+  assert msg.endswith("or tolerate more with --gin.MAX_CORRUPT_FRACTION=0.04")
+
+  # Without a recorded command (older manifests) it says what to add to the user's own.
+  with open(f"{d}/{shards.MANIFEST}") as f:
+    manifest = json.load(f)
+  del manifest["command"]
+  with open(f"{d}/{shards.MANIFEST}", "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(
+    records.CorruptDataError, match="fix: rerun your precompute command with --verify"
+  ):
     strict = _iter(d, max_corrupt_fraction=0.0)
     for _ in range(NUM // 8):
       next(strict)
+
+
+def test_the_printed_gin_key_sets_the_tolerance(data, tmp_path):
+  d = _copy(data, tmp_path)
+  name = f"{d}/train-00001-of-00008.tfrecord"
+  meta = shards.load_shard_meta(name)
+  with open(name, "r+b") as f:
+    f.seek(meta["offsets"][2] + 30)
+    byte = f.read(1)
+    f.seek(meta["offsets"][2] + 30)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+  def epoch():
+    it = _iter(d)  # no max_corrupt_fraction: gin's, else 0.01
+    for _ in range(NUM // 8):
+      next(it)
+    return it
+
+  with pytest.raises(records.CorruptDataError, match=r"--gin\.MAX_CORRUPT_FRACTION=0\.04$"):
+    epoch()  # 1 of 64 > 0.01
+  # The binding exactly as printed, through the CLI's own gin parsing (as `imagen-jax train`).
+  bindings, rest = gin_utils.split_gin_binding_flags(["--gin.MAX_CORRUPT_FRACTION=0.04"])
+  assert not rest
+  try:
+    gin_utils.parse_gin([], bindings)
+    assert epoch().corrupt_count == 1
+    gin_utils.parse_gin([], ["MAX_CORRUPT_FRACTION = 'lots'"])
+    with pytest.raises(errors.UserError, match="MAX_CORRUPT_FRACTION='lots' is not a number"):
+      epoch()
+  finally:
+    gin.clear_config()
 
 
 def test_images_smaller_than_the_stage(data, tmp_path):

@@ -100,6 +100,17 @@ def test_shapes_builder_images_match_captions(tmp_path):
   assert seen == {f"train_{i:08d}" for i in range(12)}
 
 
+def test_shapes_without_validation_has_only_a_train_split(tmp_path):
+  builder = shapes.build(str(tmp_path), resolution=8, num_train=3, num_validation=0)
+  assert sorted(builder.info.splits) == ["train"]
+  source = records.TfdsSource(os.fspath(builder.data_path), "train")
+  assert len(source) == 3 and source.available_splits == ["train"]
+  with pytest.raises(ValueError, match=r"split='validation' is not in .* it has \['train'\]"):
+    records.TfdsSource(os.fspath(builder.data_path), "validation")
+  with pytest.raises(ValueError, match="num_train=0"):
+    shapes.build(str(tmp_path), resolution=8, num_train=0, num_validation=2)
+
+
 def _write_folder(folder):
   os.makedirs(folder)
   for i in range(3):

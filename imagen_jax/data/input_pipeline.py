@@ -24,17 +24,23 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from imagen_jax import errors
 from imagen_jax.data import records, shards
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 2
+DEFAULT_MAX_CORRUPT_FRACTION = 0.01
+# Gin macro for the tolerance of `make_train_iterator` (and so of `imagen-jax train`):
+# `--gin.MAX_CORRUPT_FRACTION=0.05` on the command line, `MAX_CORRUPT_FRACTION = 0.05` in a file.
+TOLERANCE_MACRO = "MAX_CORRUPT_FRACTION"
 
 
 class ImageTooSmallError(ValueError):
@@ -150,7 +156,10 @@ class _PrecomputedExamples:
     self.paths, file_idx, offsets = [], [], []
     for name in local:
       shard_path = os.path.join(data_dir, name)
-      meta = shards.load_shard_meta(shard_path)
+      try:
+        meta = shards.read_shard_meta(shard_path)
+      except (FileNotFoundError, ValueError) as e:
+        raise records.CorruptDataError(f"{e}; fix: {self.repair_hint()}") from e
       if meta["num_records"] and min(meta["min_height"], meta["min_width"]) < resolution:
         raise ImageTooSmallError(
           f"shard {shard_path} holds images as small as {meta['min_height']}x"
@@ -165,6 +174,17 @@ class _PrecomputedExamples:
 
   def __len__(self) -> int:
     return len(self._offsets)
+
+  def file_of(self, index: int) -> str:
+    """The shard file holding record `index`."""
+    return self.paths[self._file_idx[index]]
+
+  def repair_hint(self) -> str:
+    """How to rewrite bad shards: the manifest's own precompute command, with --verify."""
+    cmd = self.manifest.get("command")
+    if not cmd:
+      return "rerun your precompute command with --verify (it rewrites only the bad shards)"
+    return f"rerun `{cmd} --verify` (it rewrites only the bad shards)"
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     del rng
@@ -183,6 +203,13 @@ class _TfdsExamples:
 
   def __len__(self) -> int:
     return len(self._indices)
+
+  def file_of(self, index: int) -> str:
+    """The TFDS file holding record `index`."""
+    return self.source.file_of(int(self._indices[index]))
+
+  def repair_hint(self) -> str:
+    return f"rebuild the TFDS dataset in {self.source.dataset_dir}"
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     pairs = self.source.pairs(int(self._indices[index]))
@@ -213,7 +240,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     process_index: int,
     process_count: int = 1,
     text_encoder: Any = None,
-    max_corrupt_fraction: float = 0.01,
+    max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION,
     num_threads: int = 4,
     emb_dtype: Any = np.float32,
   ):
@@ -347,17 +374,32 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
       if ex is None:
         self._corrupt.add(index)
     if len(self._corrupt) > self.max_corrupt_fraction * self.num_examples:
-      raise ValueError(
+      raise self._corrupt_error(
         f"{len(self._corrupt)} of {self.num_examples} records are corrupt, more than "
-        f"max_corrupt_fraction={self.max_corrupt_fraction}"
+        f"max_corrupt_fraction={self.max_corrupt_fraction}",
+        sorted(self._corrupt),
       )
     good = [ex for _, ex in loaded if ex is not None]
     if not good:
-      raise ValueError(f"every record of a batch is corrupt (indices {[i for i, _ in loaded]})")
+      raise self._corrupt_error(
+        f"every record of a batch is corrupt (indices {[i for i, _ in loaded]})",
+        [i for i, _ in loaded],
+      )
     # A corrupt row takes the next good example of this batch: positions never shift, so every
     # process stays on the same global schedule.
     batch = [ex if ex is not None else good[i % len(good)] for i, (_, ex) in enumerate(loaded)]
     return self._collate(batch)
+
+  def _corrupt_error(self, problem: str, indices: list[int]) -> records.CorruptDataError:
+    """One line: what is corrupt, in which files, the command that repairs them, the knob."""
+    files = list(dict.fromkeys(self._examples.file_of(i) for i in indices))
+    where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    # Twice the fraction seen so far, rounded up to a percent: what would have gone on.
+    suggest = min(1.0, max(0.01, math.ceil(200 * len(self._corrupt) / self.num_examples) / 100))
+    return records.CorruptDataError(
+      f"{problem}, in {where}; fix: {self._examples.repair_hint()}, or tolerate more with "
+      f"--gin.{TOLERANCE_MACRO}={suggest:g}"
+    )
 
   def _collate(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     b, length = len(examples), self.max_length
@@ -404,7 +446,7 @@ def make_train_iterator(
   text_encoder: Any = None,
   tfds_name: str | None = None,
   expected_encoder: dict[str, Any] | None = None,
-  max_corrupt_fraction: float = 0.01,
+  max_corrupt_fraction: float | None = None,
   num_threads: int = 4,
   emb_dtype: Any = np.float32,
 ) -> TrainIterator:
@@ -425,7 +467,8 @@ def make_train_iterator(
     tfds_name: on-the-fly mode: dataset name under `data_dir` (e.g. 'shapes/r64').
     expected_encoder: identity the embeddings must have been made with (any subset of
       `TextEncoder.identity()`).
-    max_corrupt_fraction: fail once more than this fraction of records is corrupt.
+    max_corrupt_fraction: fail once more than this fraction of records is corrupt (default:
+      the gin macro MAX_CORRUPT_FRACTION if bound, else 0.01).
     num_threads: decode threads.
     emb_dtype: dtype of `text_emb` (float32, or ml_dtypes.bfloat16 to halve host memory).
 
@@ -442,8 +485,13 @@ def make_train_iterator(
   _check_stage_args(batch_size, resolution, lowres_resolution, crop_size)
   if max_length < 1:
     raise ValueError(f"max_length={max_length}; must be >= 1")
+  if max_corrupt_fraction is None:
+    max_corrupt_fraction = configured_max_corrupt_fraction()
   if not 0 <= max_corrupt_fraction <= 1:
-    raise ValueError(f"max_corrupt_fraction={max_corrupt_fraction}; must be in [0, 1]")
+    raise errors.UserError(
+      f"max_corrupt_fraction={max_corrupt_fraction} is not in [0, 1]; fix: pass e.g. "
+      f"--gin.{TOLERANCE_MACRO}=0.01"
+    )
   if process_index is None or process_count is None:
     import jax
 
@@ -493,6 +541,21 @@ def make_train_iterator(
     num_threads=num_threads,
     emb_dtype=emb_dtype,
   )
+
+
+def configured_max_corrupt_fraction() -> float:
+  """The gin macro MAX_CORRUPT_FRACTION if a parsed config binds it, else the default."""
+  import gin
+
+  try:
+    value = gin.query_parameter(f"%{TOLERANCE_MACRO}")
+  except ValueError:
+    return DEFAULT_MAX_CORRUPT_FRACTION
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise errors.UserError(
+      f"{TOLERANCE_MACRO}={value!r} is not a number; fix: pass e.g. --gin.{TOLERANCE_MACRO}=0.01"
+    )
+  return float(value)
 
 
 def _check_tfds_image_size(dataset_dir: str, resolution: int) -> None:

@@ -3,7 +3,9 @@
 Work is cut into shards of `examples_per_shard` source examples in the source's on-disk order;
 process p of P writes shards p, p + P, p + 2P, ... (at least one each). The frozen encoder is
 sharded over the process's local devices only: hosts never talk to each other, so one slow or
-restarted host does not stall the rest. A rerun skips shards already complete.
+restarted host does not stall the rest. A rerun skips shards already complete once they pass
+cheap checks (sidecar index, file size, record count, source range), and with `verify` also
+their CRCs; a shard that fails is rewritten, one log line saying why.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
+from imagen_jax import errors
 from imagen_jax.data import records, shards
 
 logger = logging.getLogger(__name__)
@@ -48,34 +52,98 @@ class PrecomputeConfig:
   process_index: int = 0
   process_count: int = 1
   progress: bool = True
+  # Also check every record's CRCs of the shards already complete (reads them all).
+  verify: bool = False
   # Test hook: sleep this long after each shard, so a test can kill the job between shards.
   debug_shard_delay_s: float = 0.0
 
   def validate(self) -> None:
-    """Raises ValueError / FileNotFoundError on bad arguments, before any expensive work."""
-    if self.max_length < 1:
-      raise ValueError(f"--max_length={self.max_length}; must be >= 1")
-    if self.examples_per_shard < 1:
-      raise ValueError(f"--examples_per_shard={self.examples_per_shard}; must be >= 1")
-    if self.batch_size < 1:
-      raise ValueError(f"--batch_size={self.batch_size}; must be >= 1")
+    """Raises errors.UserError on bad arguments, before anything is loaded or written."""
+    from imagen_jax.nn import t5
+
+    _check_minimums(
+      ("--max_length", self.max_length, 1),
+      ("--examples_per_shard", self.examples_per_shard, 1),
+      ("--batch_size", self.batch_size, 1),
+      ("--process_count", self.process_count, 1),
+    )
     if not 0 <= self.process_index < self.process_count:
-      raise ValueError(
-        f"process_index={self.process_index} must be in [0, process_count={self.process_count})"
+      _fail(
+        f"--process_index={self.process_index} is not in [0, --process_count={self.process_count})",
+        "number the hosts 0 .. process_count-1",
       )
+    if self.t5_size not in t5.SIZES:
+      _fail(f"--t5_size={self.t5_size!r} is not a T5 size", f"pass one of {', '.join(t5.SIZES)}")
     if not os.path.isfile(self.vocab):
-      raise FileNotFoundError(f"--vocab={self.vocab!r}: no such SentencePiece model file")
+      _fail(f"--vocab={self.vocab!r}: no such SentencePiece model file", "pass the .model file")
     if self.t5_checkpoint != "none" and not os.path.exists(self.t5_checkpoint):
-      raise FileNotFoundError(f"--t5_checkpoint={self.t5_checkpoint!r} does not exist")
-    if self.source == "image_text_folder" and not self.source_dir:
-      raise ValueError("--source=image_text_folder needs --source_dir=FOLDER")
-    if self.source == "shapes" and (self.num_examples < 1 or self.resolution < 8):
-      raise ValueError(
-        f"--num_examples={self.num_examples} must be >= 1 and --resolution={self.resolution} "
-        ">= 8 for shapes"
+      _fail(
+        f"--t5_checkpoint={self.t5_checkpoint!r} does not exist",
+        "pass a T5X / HF checkpoint, or 'none' for random weights",
       )
-    if not self.splits:
-      raise ValueError("--split: give at least one split")
+    if not self.splits or len(set(self.splits)) != len(self.splits):
+      _fail(f"--split={list(self.splits)}", "give each split once, at least one")
+    _check_out_dir(self.out)
+    if self.source == "shapes":
+      self._validate_shapes()
+    elif self.source == "image_text_folder":
+      if not self.source_dir or not os.path.isdir(self.source_dir):
+        _fail(
+          f"--source=image_text_folder needs a folder; --source_dir={self.source_dir!r} is not one",
+          "pass --source_dir=FOLDER (images + captions)",
+        )
+      from imagen_jax.data import image_text_folder
+
+      self._check_splits(sorted(image_text_folder.list_splits(self.source_dir)))
+    elif self.tfds_data_dir is not None and not os.path.isdir(self.tfds_data_dir):
+      _fail(
+        f"--tfds_data_dir={self.tfds_data_dir!r} does not exist",
+        f"pass the TFDS data dir holding {self.source!r}",
+      )
+
+  def _validate_shapes(self) -> None:
+    _check_minimums(
+      ("--num_examples", self.num_examples, 1),
+      ("--num_validation", self.num_validation, 0),
+      ("--resolution", self.resolution, 8),
+      ("--seed", self.seed, 0),
+      context=" for shapes",
+    )
+    self._check_splits(["train", "validation"] if self.num_validation else ["train"])
+
+  def _check_splits(self, available: list[str]) -> None:
+    missing = [s for s in self.splits if s not in available]
+    if missing:
+      why = " (--num_validation=0)" if self.source == "shapes" and "validation" in missing else ""
+      _fail(
+        f"--split={missing[0]} is not a split of --source={self.source}{why}",
+        f"pick from {', '.join(available)}",
+      )
+
+
+def _fail(problem: str, fix: str) -> NoReturn:
+  raise errors.UserError(f"{problem}; fix: {fix}")
+
+
+def _check_minimums(*checks: tuple[str, int, int], context: str = "") -> None:
+  """Each (flag, value, lowest allowed value)."""
+  for flag, value, low in checks:
+    if value < low:
+      _fail(f"{flag}={value} is out of range{context}", f"pass {flag}={low} or more")
+
+
+def _check_out_dir(out: str) -> None:
+  """--out must be a directory or creatable as one; checked without creating anything."""
+  if "://" in out:
+    return  # remote: its writer reports problems
+  path = os.path.abspath(out)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+    what = "is not a directory" if path == os.path.abspath(out) else f"cannot be created in {path}"
+    raise errors.UserError(
+      f"--out={out!r} {what} (not a writable directory); fix: choose a directory you can write"
+    )
 
 
 def prepare_source(cfg: PrecomputeConfig) -> str:
@@ -84,6 +152,10 @@ def prepare_source(cfg: PrecomputeConfig) -> str:
   Returns:
     The TFDS dataset directory (holding dataset_info.json).
   """
+  import tensorflow_datasets as tfds
+
+  # TFDS draws its own bars while building; --no_progress silences them too.
+  tfds.display_progress_bar(cfg.progress)
   tfds_dir = cfg.tfds_data_dir or os.path.join(cfg.out, "tfds")
   if cfg.source in BUILTIN_SOURCES and cfg.process_index != 0:
     # Process 0 builds; the others wait for it rather than racing on the same directory.
@@ -174,49 +246,48 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
 
   Returns:
     The manifest, plus 'stats' {'examples', 'seconds', 'examples_per_s', 'bytes_written',
-    'shards_written', 'shards_skipped'} for this process.
+    'shards_written', 'shards_skipped', 'shards_rewritten', 'rewritten': [(name, reason)]} for
+    this process.
   """
-  import tensorflow as tf
-
   from imagen_jax.text import vocabulary
 
   cfg.validate()
-  tf.io.gfile.makedirs(cfg.out)
   vocab = vocabulary.load_vocabulary(cfg.vocab)
+  vocab_sha = vocabulary.file_sha256(cfg.vocab)
+  previous = _previous_manifest(cfg, vocab_sha)
+  # Every check above reads only; from here on the job writes.
+  errors.check_writable_dir(cfg.out, "--out")
   tfds_dir = prepare_source(cfg)
   sources = {split: records.TfdsSource(tfds_dir, split) for split in cfg.splits}
   plans = {
     split: plan_shards(len(src), cfg.examples_per_shard, cfg.process_count)
     for split, src in sources.items()
   }
-  if encoder is None:
-    encoder = _load_encoder(cfg)
-  if encoder.max_length != cfg.max_length:
-    raise ValueError(
-      f"the text encoder's max_length {encoder.max_length} != --max_length={cfg.max_length}"
-    )
-
-  todo = []
-  skipped = 0
-  for split, plan in plans.items():
-    for s in range(cfg.process_index, len(plan), cfg.process_count):
-      path = os.path.join(cfg.out, shards.shard_name(split, s, len(plan)))
-      if shards.shard_is_complete(path):
-        skipped += 1
-      else:
-        # Leftovers of a killed run; only this process ever writes shard s, so they are ours.
-        for stale in tf.io.gfile.glob(path + ".tmp-*"):
-          tf.io.gfile.remove(stale)
-        todo.append((split, s, path))
+  todo, skipped, rewritten = _plan_work(cfg, plans, previous)
   total = sum(len(plans[split][s]) for split, s, _ in todo)
-  logger.info("precompute: %d shards to write, %d already complete", len(todo), skipped)
+  logger.info(
+    "precompute: %d shards to write (%d rewritten), %d already complete",
+    len(todo),
+    len(rewritten),
+    skipped,
+  )
+  if encoder is None:
+    # Nothing to encode (a rerun that only checked): the previous run's manifest, made with
+    # these very flags, already says what the manifest needs of the encoder.
+    reuse = not todo and previous is not None and "flags" in previous
+    encoder = _EncoderFacts(previous) if reuse else _load_encoder(cfg)
+  if encoder.max_length != cfg.max_length:
+    raise errors.UserError(
+      f"the text encoder's max_length {encoder.max_length} != --max_length={cfg.max_length}; "
+      "fix: pass the same length to both"
+    )
 
   progress = _Progress(total, cfg.progress)
   written_bytes, written = 0, 0
   t0 = time.time()
   for split, s, path in todo:
     payloads, sizes = _encode_range(sources[split], plans[split][s], vocab, encoder, cfg, progress)
-    meta = shards.write_shard(path, payloads, sizes)
+    meta = shards.write_shard(path, payloads, sizes, source=plans[split][s])
     written_bytes += meta["size_bytes"]
     written += 1
     if cfg.debug_shard_delay_s:
@@ -224,7 +295,12 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   seconds = time.time() - t0
   rate = progress.close()
 
-  manifest = _manifest(cfg, tfds_dir, sources, plans, encoder, vocabulary.file_sha256(cfg.vocab))
+  vocab_files = _copy_vocabulary(cfg.vocab, cfg.out)
+  manifest = _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files)
+  if previous is not None and "flags" in previous:
+    # Same flags (checked): the splits an earlier run wrote and this one did not stay listed.
+    for split, entry in previous["splits"].items():
+      manifest["splits"].setdefault(split, entry)
   shards.atomic_write_text(os.path.join(cfg.out, shards.MANIFEST), _dumps(manifest))
   examples = progress.count
   manifest["stats"] = {
@@ -235,8 +311,178 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
     "bytes_per_example": written_bytes / examples if examples else 0.0,
     "shards_written": written,
     "shards_skipped": skipped,
+    "shards_rewritten": len(rewritten),
+    "rewritten": rewritten,
   }
   return manifest
+
+
+def _plan_work(
+  cfg: PrecomputeConfig, plans: dict[str, list[range]], previous: dict[str, Any] | None
+) -> tuple[list[tuple[str, int, str]], int, list[tuple[str, str]]]:
+  """This process's shards to write, how many are already complete, and the bad ones.
+
+  Returns:
+    ([(split, shard index, path)] to write, number skipped, [(shard name, why rewritten)]).
+  """
+  import tensorflow as tf
+
+  todo, skipped, rewritten = [], 0, []
+  for split, plan in plans.items():
+    counts = _recorded_counts(previous, split, len(plan))
+    for s in range(cfg.process_index, len(plan), cfg.process_count):
+      name = shards.shard_name(split, s, len(plan))
+      path = os.path.join(cfg.out, name)
+      if tf.io.gfile.exists(path):
+        problem = shards.shard_problem(
+          path, num_records=counts[s], source=plan[s], check_crc=cfg.verify
+        )
+        if problem is None:
+          skipped += 1
+          continue
+        logger.warning("precompute: rewriting %s: %s", name, problem)
+        rewritten.append((name, problem))
+        # Removed now, not replaced at its turn: if the job dies before then, the shard reads
+        # as unfinished and a plain rerun writes it.
+        tf.io.gfile.remove(path)
+      # Leftovers of a killed run; only this process ever writes shard s, so they are ours.
+      for stale in tf.io.gfile.glob(path + ".tmp-*"):
+        tf.io.gfile.remove(stale)
+      todo.append((split, s, path))
+  return todo, skipped, rewritten
+
+
+def _recorded_counts(previous: dict[str, Any] | None, split: str, num_shards: int) -> list:
+  """Per-shard record counts of the previous manifest (None where unknown)."""
+  entry = (previous or {}).get("splits", {}).get(split, {})
+  counts = entry.get("shard_records")
+  if entry.get("num_shards") != num_shards or not isinstance(counts, list):
+    return [None] * num_shards
+  return [c if isinstance(c, int) else None for c in counts] + [None] * (num_shards - len(counts))
+
+
+# Flags that decide what the shards hold: a rerun must repeat them (the others may change).
+_SHARD_FLAGS = (
+  "source",
+  "source_dir",
+  "t5_checkpoint",
+  "t5_size",
+  "max_length",
+  "examples_per_shard",
+  "num_examples",
+  "num_validation",
+  "resolution",
+  "seed",
+  "process_count",
+)
+
+
+def shard_flags(cfg: PrecomputeConfig) -> dict[str, Any]:
+  """The flags that decide the shards' contents (recorded in the manifest)."""
+  out = {}
+  for name in _SHARD_FLAGS:
+    value = getattr(cfg, name)
+    if name in ("num_examples", "num_validation", "resolution", "seed") and cfg.source != "shapes":
+      continue  # the shapes generator's flags
+    if name in ("source_dir", "t5_checkpoint") and value not in (None, "none"):
+      value = _abs(value)
+    out[name] = value
+  return out
+
+
+def _abs(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def command(cfg: PrecomputeConfig) -> str:
+  """The `imagen-jax precompute` command line that repeats `cfg` on every host (it resumes)."""
+  import shlex
+
+  flags = {
+    "source": cfg.source,
+    "source_dir": cfg.source_dir and _abs(cfg.source_dir),
+    "tfds_data_dir": cfg.tfds_data_dir and _abs(cfg.tfds_data_dir),
+    "out": _abs(cfg.out),
+    "vocab": _abs(cfg.vocab),
+    **{k: v for k, v in shard_flags(cfg).items() if k not in ("source", "source_dir")},
+    "batch_size": cfg.batch_size,
+  }
+  # Every host reruns it with its own --process_index (jax's by default).
+  if cfg.process_count == 1:
+    del flags["process_count"]
+  parts = ["imagen-jax", "precompute"]
+  parts += [f"--{k}={shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
+  parts += [f"--split={shlex.quote(s)}" for s in cfg.splits]
+  return " ".join(parts)
+
+
+def _previous_manifest(cfg: PrecomputeConfig, vocab_sha: str) -> dict[str, Any] | None:
+  """The manifest a previous run left in --out, checked to be of the same flags.
+
+  Raises:
+    errors.UserError: --out holds shards of other flags (a rerun would mix the two).
+  """
+  try:
+    previous = shards.read_manifest(cfg.out)
+  except (FileNotFoundError, ValueError):
+    return None  # none yet, or unreadable: the shards' own checks decide
+  had = previous.get("flags")
+  if not isinstance(had, dict):
+    return previous  # written before manifests recorded flags
+  now = shard_flags(cfg)
+  diffs = [f"--{k}={had.get(k)!r} then, {now.get(k)!r} now" for k in now if had.get(k) != now[k]]
+  if previous.get("vocab_sha256") not in (None, vocab_sha):
+    diffs.append("--vocab: another vocabulary (sha256 differs)")
+  if diffs:
+    raise errors.UserError(
+      f"--out={cfg.out!r} holds shards precomputed with other flags ({'; '.join(diffs)}); "
+      f"fix: rerun with the original flags ({previous.get('command', 'see its manifest.json')}) "
+      "or choose a new --out"
+    )
+  return previous
+
+
+class _EncoderFacts:
+  """What the manifest needs of the encoder, from the previous manifest, when none was loaded."""
+
+  def __init__(self, previous: dict[str, Any]):
+    self.max_length = int(previous["max_length"])
+    self.width = int(previous["embedding_width"])
+    self._identity = dict(previous["encoder"])
+
+  def identity(self) -> dict[str, Any]:
+    return self._identity
+
+
+def _copy_vocabulary(vocab: str, out: str) -> list[str]:
+  """Copies the SentencePiece .model (and .vocab beside it) into `out`, so `sample` finds it.
+
+  Returns:
+    The copied files' names.
+  """
+  import tensorflow as tf
+
+  sources = [vocab]
+  if vocab.endswith(".model") and os.path.isfile(vocab[: -len(".model")] + ".vocab"):
+    sources.append(vocab[: -len(".model")] + ".vocab")
+  names = []
+  for src in sources:
+    name = os.path.basename(src)
+    dst = os.path.join(out, name)
+    names.append(name)
+    if _abs(dst) == _abs(src) or (tf.io.gfile.exists(dst) and _read(dst) == _read(src)):
+      continue
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    tf.io.gfile.copy(src, tmp)
+    tf.io.gfile.rename(tmp, dst, overwrite=True)
+  return names
+
+
+def _read(path: str) -> bytes:
+  import tensorflow as tf
+
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
 
 
 def _dumps(obj: Any) -> str:
@@ -297,46 +543,51 @@ def _encode_batch_size(batch_size: int) -> int:
   return max(n, math.ceil(batch_size / n) * n)
 
 
-def _count_records(out: str, names: list[str]) -> int | None:
-  """Records over all shards, or None while another process is still writing some."""
-  import json
-
-  import tensorflow as tf
-
-  total = 0
+def _shard_records(out: str, names: list[str]) -> list[int | None]:
+  """Records per shard; None for a shard not (yet) complete, e.g. another process's."""
+  counts = []
   for name in names:
-    path = os.path.join(out, name)
-    if not shards.shard_is_complete(path):
-      return None
-    with tf.io.gfile.GFile(path + ".json") as f:
-      total += int(json.load(f)["num_records"])
-  return total
+    try:
+      counts.append(int(shards.load_shard_meta(os.path.join(out, name))["num_records"]))
+    except (FileNotFoundError, ValueError):
+      counts.append(None)
+  return counts
 
 
-def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha) -> dict[str, Any]:
+def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files) -> dict[str, Any]:
   identity = dict(encoder.identity())
   splits = {}
   for split, plan in plans.items():
     names = [shards.shard_name(split, s, len(plan)) for s in range(len(plan))]
+    counts = _shard_records(cfg.out, names)
     splits[split] = {
       "num_source_examples": len(sources[split]),
-      "num_records": _count_records(cfg.out, names),
+      # None while another process is still writing some of the shards.
+      "num_records": None if None in counts else sum(counts),
       "num_shards": len(plan),
       "shards": names,
+      "shard_records": counts,
     }
+  available = next(iter(sources.values())).available_splits
   return {
     "format": shards.FORMAT,
     "encoder": identity,
     "vocab_sha256": vocab_sha,
     "vocab_file": os.path.basename(cfg.vocab),
+    # Copies beside the shards: `sample` finds the vocabulary from the data dir alone.
+    "vocab_files": vocab_files,
     "max_length": cfg.max_length,
     "embedding_width": int(encoder.width),
     "embedding_dtype": "bfloat16",
     "embedding_holds": "real tokens only (EOS included); re-pad to max_length with zeros",
-    "source": {"name": cfg.source, "tfds_dir": tfds_dir, "seed": cfg.seed},
+    # The source's splits: a 'validation' missing here was not built (--num_validation=0).
+    "source": {"name": cfg.source, "tfds_dir": tfds_dir, "seed": cfg.seed, "splits": available},
     "examples_per_shard": cfg.examples_per_shard,
     "process_count": cfg.process_count,
     "splits": splits,
+    "flags": shard_flags(cfg),
+    # What repairs these shards: rerun it (add --verify to also check every record's CRCs).
+    "command": command(cfg),
   }
 
 
@@ -350,7 +601,8 @@ def add_arguments(parser) -> None:
   parser.description = (
     "Encode captions once with the frozen T5 encoder and write resumable TFRecord shards of "
     "{key, caption, image bytes, bf16 embedding of the real tokens, token length} + a manifest. "
-    "Rerunning with the same flags skips finished shards."
+    "Rerunning with the same flags skips finished shards that pass cheap checks and rewrites "
+    "the others; add --verify to also check every record's CRCs."
   )
   a = parser.add_argument
   a(
@@ -391,7 +643,12 @@ def add_arguments(parser) -> None:
   a(
     "--process_count", type=int, default=None, help="number of hosts (default: jax.process_count())"
   )
-  a("--no_progress", action="store_true", help="no progress bar")
+  a("--no_progress", action="store_true", help="no progress bars (ours and TFDS's)")
+  a(
+    "--verify",
+    action="store_true",
+    help="also read every finished shard and check each record's CRCs; rewrites the bad ones",
+  )
   a("--debug_shard_delay_s", type=float, default=0.0, help=argparse_suppress())
 
 
@@ -427,14 +684,17 @@ def run(args) -> int:
     process_index=args.process_index,
     process_count=args.process_count,
     progress=not args.no_progress,
+    verify=args.verify,
     debug_shard_delay_s=args.debug_shard_delay_s,
   )
   manifest = run_precompute(cfg)
   st = manifest["stats"]
+  checked = "CRC-verified" if cfg.verify else "checked"
   print(
     f"precompute: {st['examples']} examples in {st['seconds']:.1f}s "
-    f"({st['examples_per_s']:.1f} examples/s), {st['shards_written']} shards written, "
-    f"{st['shards_skipped']} already complete, {st['bytes_per_example']:.0f} bytes/example; "
+    f"({st['examples_per_s']:.1f} examples/s), {st['shards_written']} shards written "
+    f"({st['shards_rewritten']} rewritten as bad), {st['shards_skipped']} already complete "
+    f"({checked}), {st['bytes_per_example']:.0f} bytes/example; "
     f"manifest {os.path.join(cfg.out, shards.MANIFEST)}"
   )
   return 0

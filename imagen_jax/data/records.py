@@ -15,12 +15,18 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from imagen_jax import errors
+
 HEADER_BYTES = 12  # uint64 length + uint32 CRC
 FOOTER_BYTES = 4  # uint32 CRC
 
 
 class CorruptRecordError(Exception):
   """One record failed its checksum or could not be parsed."""
+
+
+class CorruptDataError(errors.UserError):
+  """Data files too damaged to train on; the one-line message names the files and the repair."""
 
 
 def record_size(payload_len: int) -> int:
@@ -90,6 +96,33 @@ class RandomReaders:
       except (tf.errors.DataLossError, IndexError, tf.errors.OutOfRangeError) as e:
         raise CorruptRecordError(f"{path} @ byte {offset}: {e}") from e
     return payload
+
+
+def check_records(path: str, offsets: Sequence[int], size: int) -> str | None:
+  """Reads every record of a TFRecord file by its index, checking both CRCs of each.
+
+  Returns:
+    The first problem (a record that fails its CRCs, or is not where `offsets` says, or records
+    that do not fill `size` bytes exactly), or None.
+  """
+  import tensorflow as tf
+  from tensorflow.python.lib.io import tf_record
+
+  reader = tf_record.tf_record_random_reader(path)
+  try:
+    pos = 0
+    for i, offset in enumerate(offsets):
+      if offset != pos:
+        return f"record {i} is at byte {pos}, its index says {offset}"
+      try:
+        _, pos = reader.read(offset)
+      except (tf.errors.DataLossError, IndexError, tf.errors.OutOfRangeError) as e:
+        return f"record {i} (byte {offset}) fails its CRC ({str(e).splitlines()[0]})"
+    if pos != size:
+      return f"its {len(offsets)} indexed records end at byte {pos} of {size}"
+    return None
+  finally:
+    reader.close()
 
 
 def parse_example(payload: bytes) -> dict[str, list]:
@@ -173,6 +206,7 @@ class TfdsSource:
     self.name = info.get("name", "")
     self.split = split
     splits = {s["name"]: s for s in info.get("splits", [])}
+    self.available_splits = sorted(splits)
     if split not in splits:
       raise ValueError(f"split={split!r} is not in {dataset_dir}; it has {sorted(splits)}")
     file_format = info.get("fileFormat", "tfrecord")
@@ -200,6 +234,10 @@ class TfdsSource:
       raise IndexError(f"record {index} out of range [0, {len(self)})")
     f = bisect.bisect_right(self._starts, index) - 1
     return f, index - self._starts[f]
+
+  def file_of(self, index: int) -> str:
+    """The TFRecord file holding record `index`."""
+    return self.files[self._locate(index)[0]]
 
   def record(self, index: int) -> bytes:
     """Raw serialized record `index` of the split."""

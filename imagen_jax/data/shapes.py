@@ -258,9 +258,10 @@ def _make_builder_classes():
     def _split_generators(self, dl_manager):
       del dl_manager  # nothing to download
       c = self.builder_config
+      sizes = {"train": c.num_train, "validation": c.num_validation}
+      # TFDS refuses a split with no examples: num_validation=0 means no validation split.
       return {
-        "train": generate_examples("train", c.num_train, c.resolution, c.seed),
-        "validation": generate_examples("validation", c.num_validation, c.resolution, c.seed),
+        split: generate_examples(split, n, c.resolution, c.seed) for split, n in sizes.items() if n
       }
 
     def _generate_examples(self, **kwargs):  # pragma: no cover - _split_generators yields
@@ -286,8 +287,10 @@ def shapes_config(
   """A ShapesConfig whose name encodes its parameters, so different configs never collide."""
   if resolution < 8:
     raise ValueError(f"resolution={resolution}; must be >= 8 pixels")
-  if num_train < 0 or num_validation < 0:
-    raise ValueError(f"num_train={num_train}, num_validation={num_validation}; must be >= 0")
+  if num_train < 1 or num_validation < 0:
+    raise ValueError(
+      f"num_train={num_train}, num_validation={num_validation}; must be >= 1 and >= 0"
+    )
   config_cls, _ = builder_classes()
   return config_cls(
     name=f"r{resolution}_n{num_train}_{num_validation}_s{seed}",

@@ -8,6 +8,7 @@ OUT/
 
 A shard is complete iff its .tfrecord exists: the sidecar is written first, the records go to a
 temporary name and are renamed last, so a crash leaves either a complete shard or none.
+`shard_problem` says whether a complete shard is also intact (cheaply, or CRC by CRC).
 """
 
 from __future__ import annotations
@@ -134,13 +135,20 @@ def decode_record(payload: bytes, width: int) -> dict[str, Any]:
     raise records.CorruptRecordError(f"malformed shard record: {e}") from e
 
 
-def write_shard(path: str, payloads: Sequence[bytes], image_sizes: Sequence[tuple[int, int]]):
+def write_shard(
+  path: str,
+  payloads: Sequence[bytes],
+  image_sizes: Sequence[tuple[int, int]],
+  source: range | None = None,
+):
   """Writes one shard atomically: sidecar first, records to a temporary name, then renamed.
 
   Args:
     path: final .tfrecord path.
     payloads: serialized records.
     image_sizes: (height, width) per record, summarised in the sidecar.
+    source: the source examples the shard holds (recorded, so a rerun with another plan
+      notices).
 
   Returns:
     The sidecar dict.
@@ -164,6 +172,8 @@ def write_shard(path: str, payloads: Sequence[bytes], image_sizes: Sequence[tupl
     "min_height": int(min((h for h, _ in image_sizes), default=0)),
     "min_width": int(min((w for _, w in image_sizes), default=0)),
   }
+  if source is not None:
+    meta["source_range"] = [source.start, source.stop]
   atomic_write_text(path + ".json", json.dumps(meta))
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return meta
@@ -176,6 +186,42 @@ def shard_is_complete(path: str) -> bool:
   return tf.io.gfile.exists(path) and tf.io.gfile.exists(path + ".json")
 
 
+def read_shard_meta(path: str) -> dict[str, Any]:
+  """The sidecar of `path`, checked against itself and the file size (`load_shard_meta` adds
+  advice to the errors).
+
+  Raises:
+    FileNotFoundError: shard or sidecar missing.
+    ValueError: the sidecar and the file disagree. Messages read f"shard {path}: {reason}".
+  """
+  import tensorflow as tf
+
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"shard {path}: it is missing")
+  try:
+    with tf.io.gfile.GFile(path + ".json") as f:
+      meta = json.load(f)
+    offsets = [int(o) for o in meta["offsets"]]
+    size = int(meta["size_bytes"])
+    if len(offsets) != int(meta["num_records"]):
+      raise ValueError("offsets and num_records disagree")
+    # The index of a TFRecord file: the first record at 0, then strictly increasing offsets,
+    # each record at least a header and a footer long.
+    ends = [*offsets[1:], size]
+    if offsets and (
+      offsets[0] != 0 or any(e - o < records.record_size(0) for o, e in zip(offsets, ends))
+    ):
+      raise ValueError("its offsets are not the index of a TFRecord file of that size")
+  except (tf.errors.NotFoundError, FileNotFoundError) as e:
+    raise FileNotFoundError(f"shard {path}: its sidecar is missing") from e
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"shard {path}: its sidecar is corrupt: {e}") from e
+  actual = tf.io.gfile.stat(path).length
+  if actual != size:
+    raise ValueError(f"shard {path}: it is {actual} bytes but its sidecar says {size}")
+  return meta
+
+
 def load_shard_meta(path: str) -> dict[str, Any]:
   """Reads and checks a shard's sidecar against the file on disk.
 
@@ -183,31 +229,53 @@ def load_shard_meta(path: str) -> dict[str, Any]:
     FileNotFoundError: shard or sidecar missing (precompute incomplete).
     ValueError: unreadable sidecar, or file size differs (corrupt / partially copied shard).
   """
-  import tensorflow as tf
-
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(
-      f"shard {path} is missing: the precompute did not finish (rerun it with the same flags; "
-      "it resumes)"
-    )
   try:
-    with tf.io.gfile.GFile(path + ".json") as f:
-      meta = json.load(f)
-    offsets = meta["offsets"]
-    size = int(meta["size_bytes"])
-    if len(offsets) != int(meta["num_records"]):
-      raise ValueError("offsets and num_records disagree")
-  except (tf.errors.NotFoundError, FileNotFoundError) as e:
-    raise FileNotFoundError(f"shard sidecar {path}.json is missing") from e
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"shard sidecar {path}.json is corrupt: {e}") from e
-  actual = tf.io.gfile.stat(path).length
-  if actual != size:
+    return read_shard_meta(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+      f"{e}: the precompute did not finish (rerun it with the same flags; it resumes)"
+    ) from e
+  except ValueError as e:
     raise ValueError(
-      f"shard {path} is {actual} bytes but its sidecar says {size}: the file is corrupt or "
-      "partially copied; delete it (and its .json) and rerun the precompute"
+      f"{e}: the file is corrupt or partially copied (rerun the precompute with the same flags; "
+      "it rewrites bad shards)"
+    ) from e
+
+
+def shard_problem(
+  path: str,
+  *,
+  num_records: int | None = None,
+  source: range | None = None,
+  check_crc: bool = False,
+) -> str | None:
+  """Why the finished shard `path` must be rewritten, or None if it is intact.
+
+  The cheap checks read only the sidecar and the file size: the sidecar parses, its index is
+  that of a TFRecord file of the file's size, and its record count and source range are the
+  ones expected. `check_crc` also reads every record: both CRCs, and each record at its offset.
+
+  Args:
+    path: the shard's .tfrecord path (it and its sidecar exist).
+    num_records: the record count the manifest recorded for this shard, if any.
+    source: the source examples the shard must hold (checked if the sidecar records them).
+    check_crc: read and checksum every record.
+  """
+  try:
+    meta = read_shard_meta(path)
+  except (FileNotFoundError, ValueError) as e:
+    return str(e).removeprefix(f"shard {path}: ")
+  if num_records is not None and meta["num_records"] != num_records:
+    return f"its sidecar counts {meta['num_records']} records, the manifest {num_records}"
+  held = meta.get("source_range")
+  if source is not None and held is not None and list(held) != [source.start, source.stop]:
+    return (
+      f"it holds source examples [{held[0]}, {held[1]}), the shard plan says "
+      f"[{source.start}, {source.stop})"
     )
-  return meta
+  if not check_crc:
+    return None
+  return records.check_records(path, meta["offsets"], int(meta["size_bytes"]))
 
 
 def read_manifest(data_dir: str) -> dict[str, Any]:

@@ -7,6 +7,9 @@ setuptools.setup(
   version="0.1.0",
   description="Imagen cascaded text-to-image diffusion in JAX/Flax, sharded from one CPU to a TPU pod.",
   packages=setuptools.find_packages(include=["imagen_jax", "imagen_jax.*"]),
+  # The gin configs ship inside the package (the repository's top-level configs/ links here),
+  # so `configs/...` paths resolve from any directory and from a non-editable install.
+  package_data={"imagen_jax": ["configs/*/*.gin"]},
   python_requires=">=3.12",
   # Floors are the versions verified together on Python 3.12 (jax >= 0.11 needs it).
   install_requires=[

@@ -1,7 +1,9 @@
 """Gin plumbing shared by every configurable subcommand.
 
-Config files live in the repository's `configs/` and may `include` each other by repo-relative
-path (`include 'configs/models/base64.gin'`); they use `from __gin__ import dynamic_registration`
+Config files ship inside the package (`imagen_jax/configs/`, linked from the repository's
+top-level `configs/`) and `include` each other by `configs/...` paths
+(`include 'configs/models/base64.gin'`), which resolve from the working directory first, then
+from the package, so they work from any directory and from a non-editable install. They use `from __gin__ import dynamic_registration`
 so library code carries no gin decorators.
 """
 
@@ -16,8 +18,8 @@ import gin
 
 from imagen_jax import errors
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 
 
 def split_gin_binding_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -50,12 +52,13 @@ def add_gin_arguments(parser) -> None:
 
 
 def resolve_config_path(path: str) -> str:
-  """Finds a gin file given as an absolute path, relative to cwd, or relative to the repo."""
-  for candidate in (path, os.path.join(REPO_ROOT, path), os.path.join(CONFIGS_DIR, path)):
+  """Finds a gin file given as an absolute path, relative to cwd, or as `configs/...` (or a
+  path inside `configs/`) of the installed package."""
+  for candidate in (path, os.path.join(PACKAGE_DIR, path), os.path.join(CONFIGS_DIR, path)):
     if os.path.exists(candidate):
       return candidate
   raise FileNotFoundError(
-    f"gin file {path!r} not found (looked in the working directory, {REPO_ROOT} and "
+    f"gin file {path!r} not found (looked in the working directory, {PACKAGE_DIR} and "
     f"{CONFIGS_DIR}); pass a path like configs/models/tiny_base.gin"
   )
 
@@ -69,11 +72,11 @@ def parse_gin(
     ValueError: an unknown configurable or parameter, naming the offending binding.
   """
   gin.clear_config()
-  # Includes resolve against the working directory, then the repository. Both go before gin's
+  # Includes resolve against the working directory, then the package. Both go before gin's
   # default '' prefix: for a relative path missing from the working directory, gin's package
   # resource reader would find the namespace package `configs` and fail with a TypeError.
   prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
-  for path in (REPO_ROOT, os.getcwd()):
+  for path in (PACKAGE_DIR, os.getcwd()):
     if path in prefixes:
       prefixes.remove(path)
     prefixes.insert(0, path)

@@ -423,6 +423,7 @@ def test_precompute_bad_arguments_fail_before_anything_is_written(tmp_path, spm,
     (["--process_index=2", "--process_count=2"], r"--process_index=2 is not in \[0, "),
     (["--batch_size=0"], r"--batch_size=0 is out of range"),
     (["--source=coco_captions", f"--tfds_data_dir={tmp_path / 'tfds'}"], r"does not exist"),
+    (["--source=coco_captions", f"--tfds_data_dir={tmp_path}"], r"no prepared TFDS dataset"),
   ]
   for flags, pattern in cases:
     cli_helpers.user_error(capsys, [*base, *flags], pattern)

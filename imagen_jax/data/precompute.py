@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -255,10 +254,14 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   vocab = vocabulary.load_vocabulary(cfg.vocab)
   vocab_sha = vocabulary.file_sha256(cfg.vocab)
   previous = _previous_manifest(cfg, vocab_sha)
+  # A prepared TFDS source is only looked up: it and its splits are checked before any write.
+  prepared = cfg.source not in BUILTIN_SOURCES
+  if prepared:
+    tfds_dir, sources = _open_sources(cfg)
   # Every check above reads only; from here on the job writes.
   errors.check_writable_dir(cfg.out, "--out")
-  tfds_dir = prepare_source(cfg)
-  sources = {split: records.TfdsSource(tfds_dir, split) for split in cfg.splits}
+  if not prepared:
+    tfds_dir, sources = _open_sources(cfg)
   plans = {
     split: plan_shards(len(src), cfg.examples_per_shard, cfg.process_count)
     for split, src in sources.items()
@@ -317,6 +320,11 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   return manifest
 
 
+def _open_sources(cfg: PrecomputeConfig) -> tuple[str, dict[str, records.TfdsSource]]:
+  tfds_dir = prepare_source(cfg)
+  return tfds_dir, {split: records.TfdsSource(tfds_dir, split) for split in cfg.splits}
+
+
 def _plan_work(
   cfg: PrecomputeConfig, plans: dict[str, list[range]], previous: dict[str, Any] | None
 ) -> tuple[list[tuple[str, int, str]], int, list[tuple[str, str]]]:
@@ -333,6 +341,10 @@ def _plan_work(
     for s in range(cfg.process_index, len(plan), cfg.process_count):
       name = shards.shard_name(split, s, len(plan))
       path = os.path.join(cfg.out, name)
+      # Leftovers of a killed run (the shard's and its sidecar's temporary files) go now, even
+      # for a shard that is complete and will not be written again.
+      shards.remove_temporaries(path)
+      shards.remove_temporaries(path + ".json")
       if tf.io.gfile.exists(path):
         problem = shards.shard_problem(
           path, num_records=counts[s], source=plan[s], check_crc=cfg.verify
@@ -345,9 +357,6 @@ def _plan_work(
         # Removed now, not replaced at its turn: if the job dies before then, the shard reads
         # as unfinished and a plain rerun writes it.
         tf.io.gfile.remove(path)
-      # Leftovers of a killed run; only this process ever writes shard s, so they are ours.
-      for stale in tf.io.gfile.glob(path + ".tmp-*"):
-        tf.io.gfile.remove(stale)
       todo.append((split, s, path))
   return todo, skipped, rewritten
 
@@ -472,7 +481,9 @@ def _copy_vocabulary(vocab: str, out: str) -> list[str]:
     names.append(name)
     if _abs(dst) == _abs(src) or (tf.io.gfile.exists(dst) and _read(dst) == _read(src)):
       continue
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    for stale in tf.io.gfile.glob(dst + ".tmp-*"):  # a killed copy's
+      tf.io.gfile.remove(stale)
+    tmp = shards.temporary_path(dst)
     tf.io.gfile.copy(src, tmp)
     tf.io.gfile.rename(tmp, dst, overwrite=True)
   return names

@@ -43,11 +43,26 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
+def remove_temporaries(path: str) -> None:
+  """Removes the temporary files a killed writer of `path` left beside it (each file has one
+  writer, so every earlier temporary of it is dead)."""
+  import tensorflow as tf
+
+  for stale in tf.io.gfile.glob(path + ".tmp-*"):
+    tf.io.gfile.remove(stale)
+
+
+def temporary_path(path: str) -> str:
+  """A fresh temporary name beside `path`, once the dead writers' temporaries are gone."""
+  remove_temporaries(path)
+  return f"{path}.tmp-{uuid.uuid4().hex}"
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
   import tensorflow as tf
 
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  tmp = temporary_path(path)
   with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(text)
   tf.io.gfile.rename(tmp, path, overwrite=True)
@@ -155,7 +170,7 @@ def write_shard(
   """
   import tensorflow as tf
 
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  tmp = temporary_path(path)
   offsets, pos = [], 0
   with tf.io.TFRecordWriter(tmp) as writer:
     for payload in payloads:

@@ -298,13 +298,16 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   seconds = time.time() - t0
   rate = progress.close()
 
-  vocab_files = _copy_vocabulary(cfg.vocab, cfg.out)
+  # One copier (process 0, which every precompute has), so one writer of each copy.
+  vocab_files = _copy_vocabulary(cfg.vocab, cfg.out, copy=cfg.process_index == 0)
   manifest = _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files)
   if previous is not None and "flags" in previous:
     # Same flags (checked): the splits an earlier run wrote and this one did not stay listed.
     for split, entry in previous["splits"].items():
       manifest["splits"].setdefault(split, entry)
-  shards.atomic_write_text(os.path.join(cfg.out, shards.MANIFEST), _dumps(manifest))
+  # Every process writes the manifest when it finishes (the last one has every count).
+  manifest_path = os.path.join(cfg.out, shards.MANIFEST)
+  shards.atomic_write_text(manifest_path, _dumps(manifest), writer=f"p{cfg.process_index}-")
   examples = progress.count
   manifest["stats"] = {
     "examples": examples,
@@ -463,11 +466,11 @@ class _EncoderFacts:
     return self._identity
 
 
-def _copy_vocabulary(vocab: str, out: str) -> list[str]:
+def _copy_vocabulary(vocab: str, out: str, copy: bool = True) -> list[str]:
   """Copies the SentencePiece .model (and .vocab beside it) into `out`, so `sample` finds it.
 
   Returns:
-    The copied files' names.
+    The copies' names (also when `copy` is False: another process makes them).
   """
   import tensorflow as tf
 
@@ -479,10 +482,10 @@ def _copy_vocabulary(vocab: str, out: str) -> list[str]:
     name = os.path.basename(src)
     dst = os.path.join(out, name)
     names.append(name)
-    if _abs(dst) == _abs(src) or (tf.io.gfile.exists(dst) and _read(dst) == _read(src)):
+    if not copy or _abs(dst) == _abs(src):
       continue
-    for stale in tf.io.gfile.glob(dst + ".tmp-*"):  # a killed copy's
-      tf.io.gfile.remove(stale)
+    if tf.io.gfile.exists(dst) and _read(dst) == _read(src):
+      continue
     tmp = shards.temporary_path(dst)
     tf.io.gfile.copy(src, tmp)
     tf.io.gfile.rename(tmp, dst, overwrite=True)

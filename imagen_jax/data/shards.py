@@ -43,26 +43,35 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def remove_temporaries(path: str) -> None:
-  """Removes the temporary files a killed writer of `path` left beside it (each file has one
-  writer, so every earlier temporary of it is dead)."""
+def remove_temporaries(path: str, writer: str = "") -> None:
+  """Removes the temporary files a killed writer of `path` left beside it.
+
+  Args:
+    path: the file.
+    writer: for a file several processes write (the manifest), this one's tag: only its own
+      temporaries go, not the in-flight ones of the others. Each (file, writer) has one writer,
+      so every earlier temporary of it is dead.
+  """
   import tensorflow as tf
 
-  for stale in tf.io.gfile.glob(path + ".tmp-*"):
+  for stale in tf.io.gfile.glob(f"{path}.tmp-{writer}*"):
     tf.io.gfile.remove(stale)
 
 
-def temporary_path(path: str) -> str:
+def temporary_path(path: str, writer: str = "") -> str:
   """A fresh temporary name beside `path`, once the dead writers' temporaries are gone."""
-  remove_temporaries(path)
-  return f"{path}.tmp-{uuid.uuid4().hex}"
+  remove_temporaries(path, writer)
+  return f"{path}.tmp-{writer}{uuid.uuid4().hex}"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+def atomic_write_text(path: str, text: str, writer: str = "") -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`.
+
+  `writer` tags the temporary of a file that several processes write (see remove_temporaries).
+  """
   import tensorflow as tf
 
-  tmp = temporary_path(path)
+  tmp = temporary_path(path, writer)
   with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(text)
   tf.io.gfile.rename(tmp, path, overwrite=True)

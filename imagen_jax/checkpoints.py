@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -56,30 +55,6 @@ def _reason(exc: BaseException) -> str:
   if len(text) > _REASON_CHARS:
     text = text[:_REASON_CHARS] + "..."
   return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def check_writable_dir(path: str, what: str) -> None:
-  """Creates `path` if missing and proves it writable with a probe file (local paths only).
-
-  `what` names the path in the error (e.g. 'MODEL_DIR').
-
-  Runs before any data loads or program compiles, so a bad output directory costs seconds.
-  Remote paths (gs://...) are left to the first write: probing them costs a round trip.
-  """
-  if "://" in path:
-    return
-  path = os.path.abspath(path)
-  try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_probe-", dir=path)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    why = e.strerror or type(e).__name__
-    raise errors.UserError(
-      f"{what} {path} is not a writable directory ({why}: {e.filename or path}); "
-      "choose a directory you can write, or fix its permissions"
-    ) from None
 
 
 def absolute_path(path: str) -> str:

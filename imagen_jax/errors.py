@@ -10,6 +10,7 @@ traceback. No JAX or TF import here: the CLI imports this before any subcommand 
 from __future__ import annotations
 
 import os
+import tempfile
 import traceback
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -68,22 +69,23 @@ def verbose_requested() -> bool:
 
 
 def check_writable_dir(path: str, what: str) -> None:
-  """Creates `path` if needed and proves it writable with a probe file, before expensive work.
+  """Creates `path` if missing and proves it writable with a probe file (local paths only).
 
-  Remote paths (gs://...) are left to their writers. `what` names the flag or gin key, e.g.
-  "--out" or "MODEL_DIR", so the one-line error says what to change.
+  `what` names the path in the error (e.g. 'MODEL_DIR', '--out'). Runs before any data loads
+  or program compiles, so a bad output directory costs seconds. Remote paths (gs://...) are
+  left to the first write: probing them costs a round trip.
   """
   if "://" in path:
     return
+  path = os.path.abspath(path)
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_probe.{os.getpid()}")
-    with open(probe, "w"):
-      pass
+    fd, probe = tempfile.mkstemp(prefix=".write_probe-", dir=path)
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
-    reason = e.strerror or type(e).__name__
+    why = e.strerror or type(e).__name__
     raise UserError(
-      f"{what}={path!r} is not a writable directory ({reason}): choose a directory you can "
-      "write, or fix its permissions"
-    ) from e
+      f"{what} {path} is not a writable directory ({why}: {e.filename or path}); "
+      "choose a directory you can write, or fix its permissions"
+    ) from None

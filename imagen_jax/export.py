@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from imagen_jax import errors
+
 # jax / flax / imagen_jax.cascade are imported inside functions: `imagen-jax --help` imports
 # this module and must stay fast.
 if TYPE_CHECKING:
@@ -382,7 +384,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   """Runs `imagen-jax export`."""
 
-  from imagen_jax import cascade, checkpoints
+  from imagen_jax import cascade
 
   stage_dirs = [d for d in args.stage_dirs.split(",") if d]
   missing = [d for d in stage_dirs if not os.path.isdir(d)]
@@ -391,7 +393,7 @@ def run(args) -> int:
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"--out={args.out!r} already exists; pass --overwrite to replace it")
   # Before any stage loads (minutes for big ones): the bundle is written beside --out.
-  checkpoints.check_writable_dir(
+  errors.check_writable_dir(
     os.path.dirname(os.path.abspath(args.out)), f"--out={args.out}: its parent directory"
   )
   stages = [cascade.load_stage_dir(d) for d in stage_dirs]

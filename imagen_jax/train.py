@@ -60,7 +60,7 @@ def validate_config(
     batch_size, num_microbatches, dict(mesh.shape), jax.process_count()
   )
   # Last: the checks above must not leave an empty MODEL_DIR behind.
-  checkpoints.check_writable_dir(model_dir, "MODEL_DIR")
+  errors.check_writable_dir(model_dir, "MODEL_DIR")
 
 
 def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int, network: Any = None) -> None:

@@ -148,13 +148,13 @@ def test_training_moves_a_corrupt_step_out_of_keep_last_k(tmp_path, caplog):
 
 
 def test_check_writable_dir(tmp_path):
-  checkpoints.check_writable_dir(str(tmp_path / "new" / "run"), "MODEL_DIR")
+  errors.check_writable_dir(str(tmp_path / "new" / "run"), "MODEL_DIR")
   assert os.listdir(tmp_path / "new" / "run") == [], "created, probe removed"
   (tmp_path / "a_file").write_text("x")
   # Under a regular file nothing can be created, even by root.
   with pytest.raises(errors.UserError, match=r"^MODEL_DIR .*a_file/sub is not a writable dir"):
-    checkpoints.check_writable_dir(str(tmp_path / "a_file" / "sub"), "MODEL_DIR")
-  checkpoints.check_writable_dir("gs://bucket/run", "MODEL_DIR")  # remote: left to the writes
+    errors.check_writable_dir(str(tmp_path / "a_file" / "sub"), "MODEL_DIR")
+  errors.check_writable_dir("gs://bucket/run", "MODEL_DIR")  # remote: left to the writes
 
 
 def test_empty_directory_has_nothing_to_restore(tmp_path):

@@ -1,9 +1,9 @@
 """The T5 v1.1 encoder: parameter tree, sizes, HF parity, checkpoint formats, sharding, CLI."""
 
 import json
+import os
 import subprocess
 import sys
-import os
 
 import jax
 import jax.numpy as jnp

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +66,10 @@ class StageSampling:
   aug_level: float | None = None
 
   def __post_init__(self):
-    self.sampler_config()  # validates every field with a clear message
+    # The one place sampling knobs are range-checked: the library, `imagen-jax sample` and the
+    # demo all build a StageSampling before any model loads.
+    check_guidance_weight(self.guidance_weight)
+    self.sampler_config()  # validates every other field with a clear message
     if self.aug_level is not None and not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f"aug_level={self.aug_level}; must be in [0, 1] (paper: 0 to 0.3)")
 
@@ -81,6 +85,46 @@ class StageSampling:
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def check_guidance_weight(weight: Any) -> float:
+  """`weight` as a float if it is a usable classifier-free guidance weight w, else ValueError.
+
+  Guidance is ε̃ = w · ε(z, c) + (1 − w) · ε(z): w = 1 is plain conditional sampling, w > 1
+  follows the prompt more strongly, 0 <= w < 1 blends towards unconditional; w < 0 pushes away
+  from the prompt, which no sampler setting wants.
+  """
+  try:
+    w = float(weight)
+  except (TypeError, ValueError):
+    w = float("nan")
+  if not (math.isfinite(w) and w >= 0.0):
+    raise ValueError(
+      f"guidance_weight={weight!r} is invalid; it must be a number >= 0: 1 = no guidance (plain "
+      "conditional sampling), larger values follow the prompt more strongly (paper: 1.35 base, "
+      "8 super-resolution), values below 1 blend towards unconditional samples"
+    )
+  return w
+
+
+# PRNGKey keeps a seed's low 32 bits (without jax_enable_x64): seed 2**32 would repeat seed 0's
+# image and seed -1 seed 2**32 - 1's.
+MAX_SEED = 2**32 - 1
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+  """Seeds as ints, each in [0, MAX_SEED] (every seed its own images), else ValueError."""
+  out = []
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, int | np.integer):
+      raise ValueError(f"seed {s!r} is not an integer; seeds are integers in [0, {MAX_SEED}]")
+    if not 0 <= int(s) <= MAX_SEED:
+      raise ValueError(
+        f"seed {int(s)} is outside [0, {MAX_SEED}]: PRNG seeds are 32-bit, so it would repeat "
+        "another seed's image; use seeds in that range"
+      )
+    out.append(int(s))
+  return out
 
 
 # ================================================================================================
@@ -522,7 +566,9 @@ class Cascade:
     text_emb = np.asarray(text_emb, np.float32)
     text_mask = np.asarray(text_mask, bool)
     n = text_emb.shape[0]
-    seeds = [int(s) for s in seeds]
+    seeds = check_seeds(seeds)
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+      raise ValueError(f"batch_size={batch_size!r}; must be an integer >= 1")
     if len(seeds) != n:
       raise ValueError(f"got {len(seeds)} seeds for {n} prompts; give one seed per image")
     if uncond_emb is None:
@@ -551,10 +597,10 @@ class Cascade:
       outs = []
       for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        # Pad the last chunk to the full chunk size so it reuses the compiled program.
-        pad_idx = (
-          np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]) if n > batch_size else idx
-        )
+        # Every call gets exactly batch_size images (a short chunk is padded with copies of its
+        # last image), so one compiled program serves every call, including a caller's last,
+        # smaller batch.
+        pad_idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
         args = (
           text_emb[pad_idx],
           text_mask[pad_idx],
@@ -596,7 +642,8 @@ class Cascade:
       lowres: start from these images (float [B or 1, h, w, 3] in [−1, 1]) at the first SR
         stage taking h-px inputs, skipping the stages before it.
       stop_after: stop after this stage (1-based; default: the last).
-      batch_size: images per program call (default: all at once).
+      batch_size: images per program call (default: all at once); fewer images are padded to
+        it, so calls with up to batch_size images share one compiled program.
       progress: show a progress bar per stage.
 
     Returns:
@@ -606,8 +653,9 @@ class Cascade:
       raise ValueError("prompts must be a list of strings, not one string")
     if not prompts:
       raise ValueError("prompts is empty")
-    self._per_stage(settings)  # fail on bad settings before encoding
+    self._per_stage(settings)  # fail on bad settings and seeds before encoding
     self._stage_range(lowres, stop_after)
+    check_seeds(seeds)
     emb, mask = self.encode(prompts)
     uemb = umask = None
     if negative_prompts is not None:

@@ -244,15 +244,13 @@ def run(args: argparse.Namespace) -> int:
   timings["sample"] = time.time() - t0
   final = images.to_uint8(result.images)
   sample_dir = os.path.join(out, "samples")
-  entries = []
-  for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-    images.save_png(final[i], os.path.join(sample_dir, f"{i:05d}.png"))
-    entries.append({"file": f"{i:05d}.png", "prompt": p, "seed": s})
   settings_json = {
     st.config.name: x.to_json() for st, x in zip(model.stages, settings, strict=True)
   }
-  with open(os.path.join(sample_dir, "index.json"), "w") as f:
-    json.dump({"settings": settings_json, "images": entries}, f, indent=1)
+  index = images.ImageIndex(sample_dir, {"settings": settings_json})
+  for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+    index.add(i, final[i], {"prompt": p, "seed": s})
+  index.write()
   # The grid shows every stage: rows of 16 px (upscaled), 32 px (upscaled) and 64 px outputs.
   n_show = min(16, len(prompts))
   rows = [

@@ -81,6 +81,27 @@ def test_stop_after_and_start_from_lowres(tiny, full_run):
   np.testing.assert_allclose(sr.images, full_run.images, atol=1e-5)
 
 
+def test_every_program_call_gets_batch_size_images(tiny, full_run, monkeypatch):
+  # A caller streaming batches (imagen-jax sample) ends on a smaller one: padded to batch_size,
+  # it reuses the compiled program instead of compiling another.
+  sizes = []
+  real_program = cascade.Cascade._program
+
+  def program(self, index, settings):
+    fn = real_program(self, index, settings)
+
+    def call(params, emb, *args):
+      sizes.append(emb.shape[0])
+      return fn(params, emb, *args)
+
+    return call
+
+  monkeypatch.setattr(cascade.Cascade, "_program", program)
+  padded = tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS, stop_after=1, batch_size=3)
+  assert sizes == [3]
+  np.testing.assert_allclose(padded.images, full_run.per_stage[0], atol=2e-4)
+
+
 def test_empty_prompt_is_unconditional_and_negative_prompts(tiny, caplog):
   emb, mask = tiny.encode(["", PROMPTS[0]])
   assert not mask[0].any() and np.all(emb[0] == 0)
@@ -107,6 +128,17 @@ def test_bad_input(tiny):
     tiny.sample(PROMPTS, seeds=[1, 2], settings=SETTINGS[:2])
   with pytest.raises(ValueError, match="sampler"):
     cascade.StageSampling(sampler="euler")
+  with pytest.raises(ValueError, match=r"guidance_weight=-3\.0 is invalid.*1 = no guidance"):
+    cascade.StageSampling(guidance_weight=-3.0)
+  with pytest.raises(ValueError, match="guidance_weight=inf"):
+    cascade.StageSampling(guidance_weight=float("inf"))
+  # PRNG seeds are 32-bit: -1 and 2**32 would silently repeat other seeds' images.
+  with pytest.raises(ValueError, match=r"seed -1 is outside \[0, 4294967295\]"):
+    tiny.sample(PROMPTS, seeds=[-1, 2], settings=SETTINGS)
+  with pytest.raises(ValueError, match="seed 4294967296 is outside"):
+    tiny.sample(PROMPTS, seeds=[1, 2**32], settings=SETTINGS)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    tiny.sample(PROMPTS, seeds=[1, 2], settings=SETTINGS, batch_size=0)
   stages = tiny.stages
   with pytest.raises(ValueError, match="do not chain"):
     cascade.Cascade(None, [stages[0], stages[2]])

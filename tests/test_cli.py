@@ -111,7 +111,15 @@ def test_export_sample_eval_chain(stage_dirs, capsys):
     with Image.open(os.path.join(out, e["file"])) as im:
       assert im.size == (32, 32)
   assert os.path.isfile(os.path.join(out, "grid.png"))
-  cli_helpers.user_error(capsys, argv, "index.json")
+  # The same command again: every image is finished, so nothing is resampled or rewritten.
+  mtimes = {e["file"]: os.stat(os.path.join(out, e["file"])).st_mtime_ns for e in entries}
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "nothing to do" in capsys.readouterr().out
+  assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in mtimes} == mtimes
+  # Other settings into the same --out: refused, naming the directory and the fix.
+  changed = ["--steps=3" if a == "--steps=2" else a for a in argv]
+  cli_helpers.user_error(capsys, changed, re.escape(out) + r".*changed: settings.*--overwrite")
 
   # Sampling straight from the training dirs gives the same first image (same weights, seed).
   out2 = str(root / "samples_dirs")

@@ -1,12 +1,12 @@
-"""Ancestral (DDPM posterior) and DDIM samplers over continuous time, each one jitted loop.
+"""Samplers over continuous time: a registry of step functions and the one jitted loop.
 
-Time runs on the uniform grid t_i = 1 − i/N, i = 0..N. Step i maps z at t = t_i to z at
-s = t_{i+1} using x̂₀ from the (guided, thresholded) network output:
+The loop visits N + 1 log-SNRs λ_0 < … < λ_N from noise to data (`log_snr_grid`: uniform in t,
+the default, or uniform in λ, which DPM-Solver recommends for few steps). Step i maps z at λ_i
+to z at λ_{i+1} using x̂₀ from the (guided, thresholded) network output, by the chosen sampler:
 
-* ancestral: z_s ~ q(z_s | z_t, x̂₀) = N(α_s[(1−c) z_t/α_t + c x̂₀], c σ_s²),
-  with c = 1 − SNR(t)/SNR(s) = −expm1(λ_t − λ_s) (Kingma et al. 2021, VDM form);
-* DDIM(η): z_s = α_s x̂₀ + sqrt(σ_s² − σ̃²) ε̂ + σ̃ ξ with σ̃ = η sqrt(c) σ_s, ε̂ recomputed
-  from the thresholded x̂₀. η = 0 is deterministic; η = 1 equals the ancestral sampler.
+* `ancestral`: the DDPM posterior q(z_s | z_t, x̂₀) (samplers/ancestral.py);
+* `ddim`: DDIM(η), η = 0 deterministic, η = 1 the ancestral sampler (samplers/ddim.py);
+* `dpmpp_2m`: DPM-Solver++(2M), second-order multistep on x̂₀ (samplers/dpmpp_2m.py).
 
 The last step returns x̂₀ itself. The loop is `lax.scan` with the step index folded into the RNG,
 so N steps cost one compile and no Python per step; `sample` is meant to be called through
@@ -16,7 +16,6 @@ so N steps cost one compile and no Python per step; `sample` is meant to be call
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -24,9 +23,18 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance, process, schedules
 from imagen_jax.diffusion import thresholding as thresholding_lib
+from imagen_jax.diffusion.samplers import ancestral, ddim, dpmpp_2m
+from imagen_jax.diffusion.samplers.base import History, Step
 from imagen_jax.diffusion.validation import check_choice, check_positive_int, check_range
 
-SAMPLERS = ("ancestral", "ddim")
+# name -> step function. Add a sampler with a module holding its `step` and a line here.
+STEPS: dict[str, Step] = {
+  "ancestral": ancestral.step,
+  "ddim": ddim.step,
+  "dpmpp_2m": dpmpp_2m.step,
+}
+SAMPLERS = tuple(STEPS)
+TIME_SPACINGS = ("uniform_t", "uniform_log_snr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +49,11 @@ class SamplerConfig:
   guidance_weight: float = 1.0
   thresholding: str = "dynamic"
   percentile: float = thresholding_lib.DEFAULT_PERCENTILE
+  time_spacing: str = "uniform_t"
 
   def __post_init__(self):
     check_choice("sampler", self.sampler, SAMPLERS)
+    check_choice("time_spacing", self.time_spacing, TIME_SPACINGS)
     check_positive_int("num_steps", self.num_steps)
     check_range("eta", self.eta, 0.0, 1.0)
     check_choice("schedule", self.schedule, schedules.SCHEDULES)
@@ -57,22 +67,17 @@ def time_grid(num_steps: int) -> jax.Array:
   return 1.0 - jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
 
 
-def _ddim_step(z, x0, eps, log_snr_t, log_snr_s, noise, eta):
-  alpha_s, sigma_s = schedules.alpha_sigma(log_snr_s)
-  c = -jnp.expm1(log_snr_t - log_snr_s)
-  noise_std = eta * jnp.sqrt(c) * sigma_s
-  eps_coef = jnp.sqrt(jnp.maximum(sigma_s**2 - noise_std**2, 0.0))
-  b = functools.partial(process.broadcast_to_rank, like=z)
-  return b(alpha_s) * x0 + b(eps_coef) * eps + b(noise_std) * noise
+def log_snr_grid(log_snr_fn: schedules.LogSnrFn, num_steps: int, spacing: str) -> jax.Array:
+  """The N + 1 log-SNRs the loop visits, from t = 1 (noise) to t = 0 (data).
 
-
-def _ancestral_step(z, x0, log_snr_t, log_snr_s, noise):
-  alpha_t, _ = schedules.alpha_sigma(log_snr_t)
-  alpha_s, sigma_s = schedules.alpha_sigma(log_snr_s)
-  c = -jnp.expm1(log_snr_t - log_snr_s)
-  b = functools.partial(process.broadcast_to_rank, like=z)
-  mean = b(alpha_s) * (b((1.0 - c) / alpha_t) * z + b(c) * x0)
-  return mean + b(jnp.sqrt(c) * sigma_s) * noise
+  'uniform_t' evaluates the schedule on t_i = 1 − i/N; 'uniform_log_snr' spaces λ evenly
+  between the schedule's endpoints λ(1) and λ(0).
+  """
+  check_choice("time_spacing", spacing, TIME_SPACINGS)
+  if spacing == "uniform_t":
+    return log_snr_fn(time_grid(num_steps))
+  ends = log_snr_fn(jnp.array([1.0, 0.0], jnp.float32))
+  return jnp.linspace(ends[0], ends[1], num_steps + 1, dtype=jnp.float32)
 
 
 def sample(
@@ -101,30 +106,31 @@ def sample(
   Returns:
     Samples x̂₀ [B, ...] (and intermediates if asked).
   """
-  log_snr_fn = schedules.get_schedule(config.schedule)
-  times = time_grid(config.num_steps)
+  grid = log_snr_grid(
+    schedules.get_schedule(config.schedule), config.num_steps, config.time_spacing
+  )
+  sampler_step = STEPS[config.sampler]
   init_rng, loop_rng = jax.random.split(rng)
   z = jax.random.normal(init_rng, shape, jnp.float32) if init_noise is None else init_noise
   batch = shape[0]
+  history = History(jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), True)
 
-  def step(z, i):
-    log_snr_t = jnp.full((batch,), log_snr_fn(times[i]))
-    log_snr_s = jnp.full((batch,), log_snr_fn(times[i + 1]))
+  def step(carry, i):
+    z, history = carry
+    log_snr_t = jnp.full((batch,), grid[i])
+    log_snr_s = jnp.full((batch,), grid[i + 1])
     out = guidance.guided_prediction(
       model_fn, params, z, log_snr_t, cond, uncond, config.guidance_weight
     ).astype(jnp.float32)
     x0 = process.x0_from_model_output(z, out, log_snr_t, config.objective)
     x0 = thresholding_lib.threshold(x0, config.thresholding, config.percentile)
     noise = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
-    if config.sampler == "ddim":
-      eps = process.eps_from_x0(z, x0, log_snr_t)
-      z_next = _ddim_step(z, x0, eps, log_snr_t, log_snr_s, noise, config.eta)
-    else:
-      z_next = _ancestral_step(z, x0, log_snr_t, log_snr_s, noise)
+    z_next = sampler_step(z, x0, log_snr_t, log_snr_s, history, noise, config.eta)
     z_next = jnp.where(i == config.num_steps - 1, x0, z_next)
-    return z_next, (z_next if return_intermediates else None)
+    carry = (z_next, History(x0, log_snr_t, jnp.asarray(False)))
+    return carry, (z_next if return_intermediates else None)
 
-  z, intermediates = jax.lax.scan(step, z, jnp.arange(config.num_steps))
+  (z, _), intermediates = jax.lax.scan(step, (z, history), jnp.arange(config.num_steps))
   return (z, intermediates) if return_intermediates else z
 
 

@@ -1,8 +1,9 @@
 """The whole pipeline: prompts -> frozen text encoder -> stage 1 -> stage 2 -> ... -> images.
 
 A `Cascade` holds a text encoder and a chain of `CascadeStage`s (a `Stage` with its EMA params),
-built from training MODEL_DIRs (`Cascade.from_stage_dirs`) or an export bundle
-(`Cascade.from_bundle`). `Cascade.sample` runs every stage with its own `StageSampling` knobs
+built from training MODEL_DIRs (`Cascade.from_stage_dirs`) or read from an export bundle
+(`imagen_jax.export.load_bundle`, which imports this module; this one never imports it).
+`Cascade.sample` runs every stage with its own `StageSampling` knobs
 (sampler, steps, η, guidance weight, thresholding, noise-aug level).
 
 Seeds are per image: image i is drawn from PRNGKey(seeds[i]) (stage k folds in k), and each
@@ -512,13 +513,6 @@ class Cascade:
       ref, vocab_path = resolve_encoder_reference(stages, vocab_path, t5_checkpoint, t5_size)
       encoder = load_encoder_from_reference(ref, vocab_path)
     return cls(encoder, stages)
-
-  @classmethod
-  def from_bundle(cls, bundle_dir: str, encoder: Any = None) -> Cascade:
-    """Loads an export bundle (see `imagen_jax.export`)."""
-    from imagen_jax import export
-
-    return export.load_bundle(bundle_dir, encoder=encoder)
 
   # --- text ---------------------------------------------------------------------------------
 

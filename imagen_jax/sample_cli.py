@@ -294,15 +294,86 @@ def _load_model(args: argparse.Namespace, source: dict[str, Any]):
   )
 
 
-def _write_grid(args: argparse.Namespace, index) -> None:
+def _write_grid(args: argparse.Namespace, entries: dict[int, dict[str, Any]]) -> None:
   import numpy as np
 
   from imagen_jax import images
 
   # Read back from disk: the run keeps only one batch of images in memory.
-  tiles = [images.load_png(os.path.join(args.out, e["file"])) for _, e in sorted(index.items())]
+  tiles = [images.load_png(os.path.join(args.out, e["file"])) for _, e in sorted(entries.items())]
   columns = args.num_per_prompt if args.num_per_prompt > 1 else None
   images.save_png(images.make_grid(np.asarray(tiles), columns), os.path.join(args.out, "grid.png"))
+
+
+def _sample_batches(
+  args: argparse.Namespace,
+  model: Any,
+  prompts: list[str],
+  settings: list[Any],
+  lowres: Any,
+  batches: list[range],
+  batch_size: int,
+  index: Any,
+) -> int:
+  """Samples `batches` (ranges of image numbers) into `index`; returns the new images' count.
+
+  Each batch's PNGs are listed as soon as they are written, and index.json is rewritten after
+  every batch and on the way out (Ctrl-C included), so it always lists exactly the PNGs on disk.
+  """
+  from imagen_jax import images
+
+  bar = None
+  if not args.no_progress:
+    from tqdm import tqdm
+
+    done = len(index.entries)
+    bar = tqdm(
+      total=index.header["total"], initial=done, desc="sample", unit="img", dynamic_ncols=True
+    )
+  new = 0
+  seconds = index.header["seconds_per_stage"]
+  try:
+    for numbers in batches:
+      result = model.sample(
+        [prompts[i // args.num_per_prompt] for i in numbers],
+        [args.seed + i for i in numbers],
+        settings,
+        negative_prompts=args.negative_prompt,
+        lowres=lowres,
+        stop_after=args.stop_after,
+        batch_size=batch_size,
+      )
+      names = [model.stages[k].config.name for k in result.stages_run]
+      stage_json = {model.stages[k].config.name: settings[k].to_json() for k in result.stages_run}
+      final = images.to_uint8(result.images)
+      for j, i in enumerate(numbers):
+        if i in index.entries:
+          continue  # finished before an interruption; its batch ran again only for its bits
+        entry = {
+          "prompt": prompts[i // args.num_per_prompt],
+          "seed": args.seed + i,
+          "negative_prompt": args.negative_prompt,
+          "stages": names,
+          "settings": stage_json,
+        }
+        per_stage = None
+        if args.save_stages:
+          per_stage = {
+            n: images.to_uint8(x[j]) for n, x in zip(names, result.per_stage, strict=True)
+          }
+        index.add(i, final[j], entry, per_stage)
+        new += 1
+        if bar is not None:
+          bar.update(1)
+      for n, s in zip(names, result.seconds, strict=True):
+        seconds[n] = seconds.get(n, 0.0) + s
+      index.header["resolution"] = int(final.shape[1])
+      index.write(force=False)
+  finally:
+    index.write()
+    if bar is not None:
+      bar.close()
+  return new
 
 
 def run(args: argparse.Namespace) -> int:
@@ -347,8 +418,8 @@ def run(args: argparse.Namespace) -> int:
       _write_grid(args, index.entries)
     print(f"sample: all {total} images are already in {args.out} (index.json); nothing to do")
     return 0
-  os.makedirs(args.out, exist_ok=True)
-  index.write()  # before the model loads: proves --out writable and records the run
+  errors.check_writable_dir(args.out, "--out")
+  index.write()  # before the model loads: records the run
   left = total - len(done)
   resumed = f" (resuming: {len(done)} already done)" if done else ""
   print(f"sample: {left} images -> {args.out}{resumed}; loading the model", flush=True)
@@ -359,57 +430,10 @@ def run(args: argparse.Namespace) -> int:
     raise _refuse(args.out, f"{len(done)} images sampled with other weights (checkpoints)")
   index.header["weights"] = weights
 
-  bar = None
-  if not args.no_progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=len(done), desc="sample", unit="img", dynamic_ncols=True)
-  new = 0
-  seconds = index.header["seconds_per_stage"]
-  try:
-    for numbers in batches:
-      result = model.sample(
-        [prompts[i // args.num_per_prompt] for i in numbers],
-        [args.seed + i for i in numbers],
-        settings,
-        negative_prompts=args.negative_prompt,
-        lowres=lowres,
-        stop_after=args.stop_after,
-        batch_size=batch,
-      )
-      names = [model.stages[k].config.name for k in result.stages_run]
-      stage_json = {model.stages[k].config.name: settings[k].to_json() for k in result.stages_run}
-      final = images.to_uint8(result.images)
-      for j, i in enumerate(numbers):
-        if i in index.entries:
-          continue  # finished before an interruption; its batch ran again only for its bits
-        entry = {
-          "prompt": prompts[i // args.num_per_prompt],
-          "seed": args.seed + i,
-          "negative_prompt": args.negative_prompt,
-          "stages": names,
-          "settings": stage_json,
-        }
-        per_stage = None
-        if args.save_stages:
-          per_stage = {
-            n: images.to_uint8(x[j]) for n, x in zip(names, result.per_stage, strict=True)
-          }
-        index.add(i, final[j], entry, per_stage)
-        new += 1
-        if bar is not None:
-          bar.update(1)
-      for n, s in zip(names, result.seconds, strict=True):
-        seconds[n] = seconds.get(n, 0.0) + s
-      index.header["resolution"] = int(final.shape[1])
-      index.write(force=False)
-  finally:
-    index.write()  # on Ctrl-C too: the index lists exactly the PNGs written so far
-    if bar is not None:
-      bar.close()
+  new = _sample_batches(args, model, prompts, settings, lowres, batches, batch, index)
   if args.grid:
     _write_grid(args, index.entries)
-  timing = ", ".join(f"{n} {s:.1f}s" for n, s in seconds.items())
+  timing = ", ".join(f"{n} {s:.1f}s" for n, s in index.header["seconds_per_stage"].items())
   print(
     f"sample: {new} images at {index.header['resolution']}px -> {args.out} "
     f"({len(index.entries)}/{total} done; {timing})"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import cascade, cli, export, images
+from imagen_jax import cascade, cli, export, images, sample_cli
 from tests import cli_helpers, test_cli
 
 # test_cli's module-scoped tiny stage dirs (base16 -> sr32), built once for this module too.
@@ -54,6 +54,24 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(im)
 
 
+_LOADED: dict[str, cascade.Cascade] = {}
+
+
+@pytest.fixture(autouse=True)
+def load_each_source_once(monkeypatch):
+  """These tests rerun `sample` on the same stage dirs many times; each loads them once (the
+  load itself is the same code path whether cached or not, and test_cli covers it too)."""
+  real_load = sample_cli._load_model
+
+  def load(args, source):
+    key = json.dumps(source, sort_keys=True)
+    if key not in _LOADED:
+      _LOADED[key] = real_load(args, source)
+    return _LOADED[key]
+
+  monkeypatch.setattr(sample_cli, "_load_model", load)
+
+
 @pytest.fixture
 def no_model_loads(monkeypatch):
   """Fails the test if `sample` loads a model (stage dirs or bundle)."""
@@ -61,6 +79,7 @@ def no_model_loads(monkeypatch):
   def load(*args, **kwargs):
     raise AssertionError("a model was loaded")
 
+  monkeypatch.setattr(sample_cli, "_load_model", load)
   monkeypatch.setattr(cascade.Cascade, "from_stage_dirs", load)
   monkeypatch.setattr(export, "load_bundle", load)
 
@@ -226,7 +245,7 @@ def test_other_settings_refused_overwrite_resamples(stage_dirs, tmp_path, capsys
   assert cli.main(argv) == 0
   before = {f: _pixels(out / f) for f in _index_files(out)}
   with monkeypatch.context() as m:
-    m.setattr(cascade.Cascade, "from_stage_dirs", lambda *a, **k: pytest.fail("model loaded"))
+    m.setattr(sample_cli, "_load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     for changed, what in [
       ("--prompt=a small green triangle on a black background", "num_prompts, prompts"),
       ("--seed=4", "seed"),
@@ -254,6 +273,24 @@ def test_other_settings_refused_overwrite_resamples(stage_dirs, tmp_path, capsys
   same = after[images.image_file(0)].astype(int) - before[images.image_file(1)]
   assert np.abs(same).max() <= 1
   assert np.abs(after[images.image_file(1)].astype(int) - before[images.image_file(1)]).max() > 0
+
+
+def test_an_image_with_a_missing_file_is_sampled_again(stage_dirs, tmp_path, capsys):
+  _, dirs = stage_dirs
+  out = tmp_path / "out"
+  argv = _argv(dirs, out, "--save_stages")
+  assert cli.main(argv) == 0
+  entries = json.loads((out / "index.json").read_text())["images"]
+  assert entries[4]["stage_files"] == {"base16": "00004_base16.png", "sr32": "00004_sr32.png"}
+  os.remove(out / "00004_base16.png")  # image 4 is no longer whole
+  mtimes = {f: os.stat(out / f).st_mtime_ns for f in _listing(out) if f.endswith(".png")}
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "1 images at 32px" in capsys.readouterr().out
+  assert _listing(out) == sorted([*mtimes, "00004_base16.png", "index.json"])
+  rewritten = {f for f, t in mtimes.items() if os.stat(out / f).st_mtime_ns != t}
+  assert rewritten == {"00004.png", "00004_sr32.png"}
+  assert json.loads((out / "index.json").read_text())["images"] == entries
 
 
 def test_image_index_write_is_atomic_and_throttled(tmp_path):

@@ -45,7 +45,8 @@ def _config(sampler, **kw):
 
 
 @pytest.mark.parametrize(
-  "sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("ddim", 0.5)]
+  "sampler,eta",
+  [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("ddim", 0.5), ("dpmpp_2m", 0.0)],
 )
 def test_sampler_reproduces_gaussian_moments(sampler, eta):
   x = samplers.sample_jit(
@@ -69,7 +70,7 @@ def test_sampler_reproduces_gaussian_moments(sampler, eta):
 
 
 def test_sampler_reproduces_mixture_mode_weights():
-  for sampler in ("ancestral", "ddim"):
+  for sampler in ("ancestral", "ddim", "dpmpp_2m"):
     x = samplers.sample_jit(
       mixture_eps, None, None, None, jax.random.PRNGKey(1), (NUM_SAMPLES, 4), _config(sampler)
     )

@@ -23,7 +23,7 @@ from imagen_jax import errors
 
 _KNOBS = {
   # flag: (StageSampling field, type, default, help)
-  "sampler": ("sampler", str, "ddim", "ddim | ancestral"),
+  "sampler": ("sampler", str, "ddim", "ddim | ancestral | dpmpp_2m"),
   "steps": ("num_steps", int, "64", "denoising steps"),
   "eta": ("eta", float, "0", "DDIM eta (0 = deterministic)"),
   "guidance": (
@@ -35,6 +35,7 @@ _KNOBS = {
   "thresholding": ("thresholding", str, "dynamic", "dynamic | static | none"),
   "percentile": ("percentile", float, "99.5", "dynamic thresholding percentile p"),
   "aug_level": ("aug_level", float, "default", "SR noise-conditioning level (default: stage's)"),
+  "time_spacing": ("time_spacing", str, "uniform_t", "uniform_t | uniform_log_snr"),
 }
 
 

@@ -29,7 +29,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compile a stage's train step for a TPU slice without one: memory, FLOPs, step time",
   ),
   "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
-  "eval": ("imagen_jax.eval_shapes", "score sampled images against their prompts (shapes metric)"),
+  "eval": (
+    "imagen_jax.eval_cli",
+    "score images: shapes accuracy, FID and FID reference statistics",
+  ),
   "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),
   "export": ("imagen_jax.export", "write an inference bundle (params, configs, StableHLO)"),
   "demo": ("imagen_jax.demo", "train a tiny 3-stage cascade on shapes, sample and score it"),

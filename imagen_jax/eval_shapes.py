@@ -243,10 +243,15 @@ def evaluate_dir(images_dir: str) -> tuple[dict[str, float], list[dict[str, Any]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Flags of `imagen-jax eval`."""
+  """Flags of `imagen-jax eval` when this module is the subcommand: `benchmark` + `add_flags`."""
   parser.add_argument(
     "benchmark", choices=("shapes",), help="what to evaluate: 'shapes' (the synthetic grammar)"
   )
+  add_flags(parser)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags of `imagen-jax eval shapes` (`imagen_jax.eval_cli` mounts them as a benchmark)."""
   parser.add_argument(
     "--images", required=True, help="directory with index.json and PNGs (from imagen-jax sample)"
   )

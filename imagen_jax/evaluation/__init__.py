@@ -1,0 +1,4 @@
+"""Evaluation metrics: FID with the FID Inception-v3 (`fid`, `inception`, `torch_checkpoint`).
+
+Submodules import JAX lazily where they can, so `imagen-jax eval --help` stays cheap.
+"""

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
 
@@ -153,6 +154,13 @@ def test_reader_refuses_code_and_non_checkpoints(tmp_path):
     zf.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
   with pytest.raises(errors.UserError, match="truncated"):
     torch_checkpoint.load_state_dict(str(truncated))
+  # A persistent id of the wrong arity is a malformed file, not a crash.
+  short = tmp_path / "short.pth"
+  bad_pid = pickle.PROTO + b"\x02" + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.TUPLE
+  _write_torch_zip(str(short), {}, pickled=bad_pid + pickle.BINPERSID + pickle.STOP)
+  with pytest.raises(errors.UserError, match="unsupported persistent id"):
+    torch_checkpoint.load_state_dict(str(short))
+  assert "torch" not in sys.modules  # the reader never needs it
 
 
 def test_state_dict_names_and_shapes_are_pytorch_fids():

@@ -1,11 +1,12 @@
 """Regenerates the FID parity golden files in tests/golden/ with pytorch-fid 0.3.0 on CPU.
 
-Needs torch, torchvision, pytorch-fid==0.3.0, numpy, scipy and pillow, which the project venv
-does not carry (the tests that read the golden files need none of them). Run it from a
-throwaway venv, e.g.
+Needs torch, torchvision, pytorch-fid==0.3.0, numpy, scipy<1.16 and pillow, which the project
+venv does not carry (the tests that read the golden files need none of them); pytorch-fid 0.3.0
+calls scipy's sqrtm(disp=False), which newer scipy no longer accepts. Run it from a throwaway
+venv, e.g.
 
   python3.12 -m venv /tmp/torchvenv
-  /tmp/torchvenv/bin/pip install torch torchvision pytorch-fid==0.3.0 numpy scipy pillow
+  /tmp/torchvenv/bin/pip install torch torchvision pytorch-fid==0.3.0 numpy "scipy<1.16" pillow
   /tmp/torchvenv/bin/python tools/make_fid_golden.py
 
 The FID network's weights are random but reproducible without torch: `random_state_dict`

@@ -155,7 +155,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     else:
       with open(path, "rb") as f:
         result = _load_legacy(f, path, dtypes)
-  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, KeyError) as e:
+  except errors.UserError:
+    raise
+  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
+  except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    # Malformed pickles surface as these (a short persistent id, a missing record, ...).
     raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
   if isinstance(result, Mapping) and set(result) == {"state_dict"}:
     result = result["state_dict"]

@@ -211,7 +211,8 @@ def run_settings(
 ) -> dict[str, Any]:
   """Everything the images depend on (index.json "run"); a rerun resumes only if it is equal.
 
-  --batch_size, --grid and --no_progress are left out: they do not change any image.
+  --grid and --no_progress are left out (no image changes), and so is --batch_size: an image's
+  bits can move with its batch's size only by float rounding (at most 1 of 255 in a PNG pixel).
   """
   prompts_sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
   return {

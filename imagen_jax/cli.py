@@ -11,7 +11,9 @@ Errors: see `main`. Flags are absl-style (`--flag=value`); where configs apply, 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,8 +88,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def quiet_libtpu_without_a_tpu() -> None:
+  """With libtpu installed (the [tpu] extra) on a machine without TPU chips, every JAX start
+  prints half a page of libtpu errors about undiscoverable TPU metadata. TPU VMs expose their
+  chips as /dev/accel* or /dev/vfio; elsewhere, name a placeholder slice so libtpu stops
+  probing (it then finds no chips and JAX uses the CPU or GPU as usual)."""
+  if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def run_command(argv: Sequence[str]) -> int:
   """Parses `argv` and runs its subcommand; exceptions propagate (for callers embedding us)."""
+  quiet_libtpu_without_a_tpu()
   gin_bindings, argv = gin_utils.split_gin_binding_flags(argv)
   parser = build_parser()
   args = parser.parse_args(argv)

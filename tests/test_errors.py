@@ -4,6 +4,7 @@ Ctrl-C exits 130, and `--verbose` shows a user error's traceback."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -85,3 +86,26 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
 
   assert cli.main(_fake_command(monkeypatch, interrupted)) == 130
   assert capsys.readouterr().err.strip().splitlines() == ["imagen-jax fake: interrupted"]
+
+
+def test_a_machine_without_tpu_gets_no_libtpu_noise(tmp_path):
+  """libtpu (installed by the [tpu] extra) must not print its metadata errors on a CPU box."""
+  if cli.glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+    pytest.skip("this machine has TPU chips: libtpu's probing is wanted here")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "JAX_PLATFORMS"))}
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "imagen_jax.cli",
+      "info",
+      "--gin_file=configs/models/tiny_base.gin",
+      "--params_only",
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "TPU_ACCELERATOR_TYPE" not in r.stderr and "libtpu" not in r.stderr, r.stderr

@@ -474,6 +474,10 @@ def check_chain(stages: Sequence[CascadeStage]) -> None:
     )
 
 
+# The one mesh axis sampling splits a batch over.
+BATCH_AXIS = "batch"
+
+
 class Cascade:
   """A text encoder and a chain of stages.
 
@@ -481,9 +485,18 @@ class Cascade:
     encoder: a `TextEncoder` (or anything with `encode(texts)`, `tokenize(texts)`, `width`,
       `max_length`); may be None when only `sample_embeddings` is used.
     stages: stages in order, base first (a cascade of SR stages only can start from images).
+    devices: where images are sampled (default: all of this process's devices). Each batch is
+      split over them along a one-axis mesh and every stage's params are replicated on each, so
+      one call runs on every device; an image still depends only on its prompt, seed and
+      settings (up to float rounding between device counts).
   """
 
-  def __init__(self, encoder: Any, stages: Sequence[CascadeStage]):
+  def __init__(
+    self,
+    encoder: Any,
+    stages: Sequence[CascadeStage],
+    devices: Sequence[jax.Device] | None = None,
+  ):
     check_chain(stages)
     self.encoder = encoder
     self.stages = list(stages)
@@ -491,6 +504,21 @@ class Cascade:
       raise ValueError(
         f"text encoder width {encoder.width} != the stages' text_dim {self.stages[0].text_dim}"
       )
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    mesh = jax.sharding.Mesh(np.array(self.devices), (BATCH_AXIS,))
+    self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
+    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._placed_params: dict[int, Any] = {}
+
+  def _params_on_devices(self, index: int) -> Any:
+    """Stage `index`'s params replicated on every sampling device (placed once)."""
+    if index not in self._placed_params:
+      self._placed_params[index] = jax.device_put(self.stages[index].params, self._replicated)
+    return self._placed_params[index]
+
+  def _batch_on_devices(self, arrays: Sequence[np.ndarray | None]) -> list[Any]:
+    """Host arrays with a leading batch dim, split over the sampling devices."""
+    return [None if a is None else jax.device_put(a, self._batch_sharding) for a in arrays]
 
   # --- constructors -------------------------------------------------------------------------
 
@@ -579,7 +607,8 @@ class Cascade:
         lowres = np.repeat(lowres, n, axis=0)
       if lowres.shape[0] != n or lowres.ndim != 4 or lowres.shape[-1] != 3:
         raise ValueError(f"lowres must be [{n}, h, w, 3] (or [1, h, w, 3]), got {lowres.shape}")
-    batch_size = batch_size or n
+    # A multiple of the device count, so every device gets an equal share of each call.
+    batch_size = -(-(batch_size or n) // len(self.devices)) * len(self.devices)
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
 
     current, per_stage, seconds = lowres, [], []
@@ -599,15 +628,17 @@ class Cascade:
         # last image), so one compiled program serves every call, including a caller's last,
         # smaller batch.
         pad_idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-        args = (
-          text_emb[pad_idx],
-          text_mask[pad_idx],
-          uncond_emb[pad_idx],
-          np.asarray(uncond_mask, bool)[pad_idx],
-          stage_keys[pad_idx],
-          None if current is None else current[pad_idx],
+        args = self._batch_on_devices(
+          (
+            text_emb[pad_idx],
+            text_mask[pad_idx],
+            uncond_emb[pad_idx],
+            np.asarray(uncond_mask, bool)[pad_idx],
+            stage_keys[pad_idx],
+            None if current is None else current[pad_idx],
+          )
         )
-        out = np.asarray(jax.device_get(program(self.stages[k].params, *args)), np.float32)
+        out = np.asarray(jax.device_get(program(self._params_on_devices(k), *args)), np.float32)
         outs.append(out[: len(idx)])
         if bar is not None:
           bar.update(len(idx))
@@ -640,8 +671,9 @@ class Cascade:
       lowres: start from these images (float [B or 1, h, w, 3] in [−1, 1]) at the first SR
         stage taking h-px inputs, skipping the stages before it.
       stop_after: stop after this stage (1-based; default: the last).
-      batch_size: images per program call (default: all at once); fewer images are padded to
-        it, so calls with up to batch_size images share one compiled program.
+      batch_size: images per program call (default: all at once), rounded up to a multiple of
+        the sampling devices; fewer images are padded to it, so calls with up to batch_size
+        images share one compiled program.
       progress: show a progress bar per stage.
 
     Returns:

@@ -98,8 +98,12 @@ def test_every_program_call_gets_batch_size_images(tiny, full_run, monkeypatch):
 
   monkeypatch.setattr(cascade.Cascade, "_program", program)
   padded = tiny.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS, stop_after=1, batch_size=3)
-  assert sizes == [3]
+  assert sizes == [8]  # 3 rounded up to a multiple of the 8 sampling devices
   np.testing.assert_allclose(padded.images, full_run.per_stage[0], atol=2e-4)
+  sizes.clear()
+  one = cascade.Cascade(tiny.encoder, tiny.stages, devices=jax.local_devices()[:1])
+  one.sample(PROMPTS[:1], seeds=[11], settings=SETTINGS, stop_after=1, batch_size=3)
+  assert sizes == [3]
 
 
 def test_empty_prompt_is_unconditional_and_negative_prompts(tiny, caplog):
@@ -153,3 +157,16 @@ def test_stage_spec_round_trip(tiny):
     assert rebuilt.network == s.stage.network
   bad = dataclasses.replace(tiny.stages[1].config, lowres_resolution=8)
   assert isinstance(bad, StageConfig)
+
+
+def test_sharded_sampling_equals_one_device(tiny, full_run):
+  """The default cascade splits each batch over all 8 devices; one device gives the same images
+  (float rounding only: the per-image program is the same, its batch is not)."""
+  assert len(tiny.devices) == jax.local_device_count() == 8
+  one = cascade.Cascade(tiny.encoder, tiny.stages, devices=jax.local_devices()[:1])
+  single = one.sample(PROMPTS, seeds=[11, 12], settings=SETTINGS)
+  for a, b in zip(single.per_stage, full_run.per_stage, strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-4)
+  # The sharded call really ran on every device: params replicated, batch split 8 ways.
+  placed = tiny._params_on_devices(0)
+  assert len(jax.tree.leaves(placed)[0].sharding.device_set) == 8

@@ -95,11 +95,19 @@ def load_rgb_image_bytes(path: str) -> tuple[bytes, int, int] | None:
   Returns:
     (bytes, height, width) or None.
   """
-  from PIL import Image
-
   try:
     with open(path, "rb") as f:
       data = f.read()
+  except OSError:
+    return None
+  return rgb_image_bytes(data)
+
+
+def rgb_image_bytes(data: bytes) -> tuple[bytes, int, int] | None:
+  """`load_rgb_image_bytes` of bytes already read (e.g. a tar member)."""
+  from PIL import Image
+
+  try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()  # decodes fully: truncated files fail here, not during training
       if im.mode == "RGB" and im.format in ("PNG", "JPEG"):

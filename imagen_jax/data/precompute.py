@@ -1,5 +1,18 @@
 """The embedding precompute job: source -> frozen T5 encoder -> sharded TFRecords + manifest.
 
+Two ways in. `--source=NAME` reads a prepared TFDS split by record index (shapes,
+image_text_folder, coco_captions, ...). `--task=NAME` / `--mixture=NAME` read a registered seqio
+Task or Mixture (built-in `imagen_*` tasks, or the user's own from `--module`), whose
+preprocessors tokenize and filter; `--source=webdataset` is `--task=imagen_webdataset`.
+
+A seqio dataset is a stream, so a task job is planned on stream positions: the stream is the
+task's unshuffled single epoch (a mixture's is sampled at its rates with `--seed`, see
+`tasks.stream`), cut to its first `--num_examples` examples. A counting pass measures its length
+T <= num_examples first, so every host plans the same shards without talking to the others;
+shard s holds stream positions [s * per_shard, ...) and its sidecar records that range, so reruns
+and hosts agree and a rerun checks and resumes exactly as for a TFDS split. Each host reads the
+stream from the start up to its last shard (reading is cheap next to encoding).
+
 Work is cut into shards of `examples_per_shard` source examples in the source's on-disk order;
 process p of P writes shards p, p + P, p + 2P, ... (at least one each). The frozen encoder is
 sharded over the process's local devices only: hosts never talk to each other, so one slow or
@@ -33,9 +46,19 @@ BUILTIN_SOURCES = ("shapes", "image_text_folder")
 class PrecomputeConfig:
   """What to precompute; see `imagen-jax precompute --help` for each field."""
 
-  source: str
   out: str
   vocab: str
+  # Exactly one of source / task / mixture.
+  source: str | None = None
+  task: str | None = None
+  mixture: str | None = None
+  # Imported before the task / mixture is looked up (they register the user's tasks).
+  modules: Sequence[str] = ()
+  # imagen_webdataset's filters (0 = off).
+  min_image_size: int = 0
+  max_aspect_ratio: float = 0.0
+  min_caption_length: int = 0
+  max_caption_length: int = 0
   t5_checkpoint: str = "none"
   t5_size: str = "base"
   max_length: int = 128
@@ -56,10 +79,34 @@ class PrecomputeConfig:
   # Test hook: sleep this long after each shard, so a test can kill the job between shards.
   debug_shard_delay_s: float = 0.0
 
+  @property
+  def uses_tasks(self) -> bool:
+    """True when the job reads a seqio Task / Mixture (--task, --mixture, --source=webdataset)."""
+    return self.source is None or self.source == "webdataset"
+
+  @property
+  def provider_name(self) -> str:
+    """The seqio Task or Mixture read (task jobs only)."""
+    return self.task or self.mixture or "imagen_webdataset"
+
+  @property
+  def provider_flag(self) -> str:
+    """How the command line named it, e.g. "--task='x'"."""
+    if self.source:
+      return f"--source={self.source}"
+    return f"--mixture={self.mixture!r}" if self.mixture else f"--task={self.task!r}"
+
   def validate(self) -> None:
     """Raises errors.UserError on bad arguments, before anything is loaded or written."""
     from imagen_jax.nn import t5
 
+    given = [f for f, v in (("--source", self.source), ("--task", self.task)) if v]
+    given += ["--mixture"] if self.mixture else []
+    if len(given) != 1:
+      _fail(
+        f"{' and '.join(given) + ' given together' if given else 'no data given'}",
+        "pass exactly one of --source, --task, --mixture",
+      )
     _check_minimums(
       ("--max_length", self.max_length, 1),
       ("--examples_per_shard", self.examples_per_shard, 1),
@@ -83,7 +130,9 @@ class PrecomputeConfig:
     if not self.splits or len(set(self.splits)) != len(self.splits):
       _fail(f"--split={list(self.splits)}", "give each split once, at least one")
     _check_out_dir(self.out)
-    if self.source == "shapes":
+    if self.uses_tasks:
+      self._validate_filters()
+    elif self.source == "shapes":
       self._validate_shapes()
     elif self.source == "image_text_folder":
       if not self.source_dir or not os.path.isdir(self.source_dir):
@@ -98,6 +147,23 @@ class PrecomputeConfig:
       _fail(
         f"--tfds_data_dir={self.tfds_data_dir!r} does not exist",
         f"pass the TFDS data dir holding {self.source!r}",
+      )
+
+  def _validate_filters(self) -> None:
+    _check_minimums(
+      ("--num_examples", self.num_examples, 1),
+      ("--seed", self.seed, 0),
+      ("--min_image_size", self.min_image_size, 0),
+      ("--min_caption_length", self.min_caption_length, 0),
+      ("--max_caption_length", self.max_caption_length, 0),
+    )
+    if self.max_aspect_ratio and self.max_aspect_ratio < 1:
+      _fail(f"--max_aspect_ratio={self.max_aspect_ratio} is below 1", "pass 0 (off) or >= 1")
+    if self.max_caption_length and self.max_caption_length < self.min_caption_length:
+      _fail(
+        f"--max_caption_length={self.max_caption_length} < --min_caption_length="
+        f"{self.min_caption_length}",
+        "pass 0 (no limit) or a larger maximum",
       )
 
   def _validate_shapes(self) -> None:
@@ -124,7 +190,7 @@ def _fail(problem: str, fix: str) -> NoReturn:
   raise errors.UserError(f"{problem}; fix: {fix}")
 
 
-def _check_minimums(*checks: tuple[str, int, int], context: str = "") -> None:
+def _check_minimums(*checks: tuple[str, float, int], context: str = "") -> None:
   """Each (flag, value, lowest allowed value)."""
   for flag, value, low in checks:
     if value < low:
@@ -251,6 +317,8 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   from imagen_jax.text import vocabulary
 
   cfg.validate()
+  if cfg.uses_tasks:
+    return _run_tasks(cfg, encoder)
   vocab = vocabulary.load_vocabulary(cfg.vocab)
   vocab_sha = vocabulary.file_sha256(cfg.vocab)
   previous = _previous_manifest(cfg, vocab_sha)
@@ -262,30 +330,8 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   errors.check_writable_dir(cfg.out, "--out")
   if not prepared:
     tfds_dir, sources = _open_sources(cfg)
-  plans = {
-    split: plan_shards(len(src), cfg.examples_per_shard, cfg.process_count)
-    for split, src in sources.items()
-  }
-  todo, skipped, rewritten = _plan_work(cfg, plans, previous)
-  total = sum(len(plans[split][s]) for split, s, _ in todo)
-  logger.info(
-    "precompute: %d shards to write (%d rewritten), %d already complete",
-    len(todo),
-    len(rewritten),
-    skipped,
-  )
-  if encoder is None:
-    # Nothing to encode (a rerun that only checked): the previous run's manifest, made with
-    # these very flags, already says what the manifest needs of the encoder.
-    reuse = not todo and previous is not None and "flags" in previous
-    encoder = _EncoderFacts(previous) if reuse else _load_encoder(cfg)
-  if encoder.max_length != cfg.max_length:
-    raise errors.UserError(
-      f"the text encoder's max_length {encoder.max_length} != --max_length={cfg.max_length}; "
-      "fix: pass the same length to both"
-    )
-
-  progress = _Progress(total, cfg.progress)
+  sizes = {split: len(src) for split, src in sources.items()}
+  plans, todo, skipped, rewritten, encoder, progress = _plan(cfg, sizes, previous, encoder)
   written_bytes, written = 0, 0
   t0 = time.time()
   for split, s, path in todo:
@@ -296,11 +342,21 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
     if cfg.debug_shard_delay_s:
       time.sleep(cfg.debug_shard_delay_s)
   seconds = time.time() - t0
-  rate = progress.close()
+  splits = _split_entries(cfg, plans, {split: len(src) for split, src in sources.items()})
+  available = next(iter(sources.values())).available_splits
+  # The source's splits: a 'validation' missing here was not built (--num_validation=0).
+  source = {"name": cfg.source, "tfds_dir": tfds_dir, "seed": cfg.seed, "splits": available}
+  manifest = _manifest(cfg, encoder, vocab_sha, source, splits)
+  return _finish(
+    cfg, manifest, previous, progress, seconds, written_bytes, written, skipped, rewritten
+  )
 
+
+def _finish(cfg, manifest, previous, progress, seconds, written_bytes, written, skipped, rewritten):
+  """Copies the vocabulary, writes the manifest; returns it with this process's 'stats'."""
+  rate = progress.close()
   # One copier (process 0, which every precompute has), so one writer of each copy.
-  vocab_files = _copy_vocabulary(cfg.vocab, cfg.out, copy=cfg.process_index == 0)
-  manifest = _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files)
+  manifest["vocab_files"] = _copy_vocabulary(cfg.vocab, cfg.out, copy=cfg.process_index == 0)
   if previous is not None and "flags" in previous:
     # Same flags (checked): the splits an earlier run wrote and this one did not stay listed.
     for split, entry in previous["splits"].items():
@@ -321,6 +377,42 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
     "rewritten": rewritten,
   }
   return manifest
+
+
+def _plan(cfg: PrecomputeConfig, sizes: dict[str, int], previous, encoder):
+  """Shard plans of splits of `sizes` examples, this process's work, the encoder, a progress bar.
+
+  Returns:
+    (plans, todo, shards skipped, shards rewritten, encoder, progress).
+  """
+  plans = {
+    split: plan_shards(n, cfg.examples_per_shard, cfg.process_count) for split, n in sizes.items()
+  }
+  todo, skipped, rewritten = _plan_work(cfg, plans, previous)
+  total = sum(len(plans[split][s]) for split, s, _ in todo)
+  encoder = _encoder_for(cfg, encoder, todo, skipped, rewritten, previous)
+  return plans, todo, skipped, rewritten, encoder, _Progress(total, cfg.progress)
+
+
+def _encoder_for(cfg, encoder, todo, skipped: int, rewritten: list, previous):
+  """The encoder to use: `encoder`, loaded from cfg, or (nothing to encode) the previous facts."""
+  logger.info(
+    "precompute: %d shards to write (%d rewritten), %d already complete",
+    len(todo),
+    len(rewritten),
+    skipped,
+  )
+  if encoder is None:
+    # Nothing to encode (a rerun that only checked): the previous run's manifest, made with
+    # these very flags, already says what the manifest needs of the encoder.
+    reuse = not todo and previous is not None and "flags" in previous
+    encoder = _EncoderFacts(previous) if reuse else _load_encoder(cfg)
+  if encoder.max_length != cfg.max_length:
+    raise errors.UserError(
+      f"the text encoder's max_length {encoder.max_length} != --max_length={cfg.max_length}; "
+      "fix: pass the same length to both"
+    )
+  return encoder
 
 
 def _open_sources(cfg: PrecomputeConfig) -> tuple[str, dict[str, records.TfdsSource]]:
@@ -389,8 +481,39 @@ _SHARD_FLAGS = (
 )
 
 
+# The same for a task job (what the task yields is the task's code: its module is recorded).
+_TASK_SHARD_FLAGS = (
+  "source",
+  "task",
+  "mixture",
+  "modules",
+  "source_dir",
+  "min_image_size",
+  "max_aspect_ratio",
+  "min_caption_length",
+  "max_caption_length",
+  "t5_checkpoint",
+  "t5_size",
+  "max_length",
+  "examples_per_shard",
+  "num_examples",
+  # The mixture's sampling seed; for imagen_shapes also its generator's, with the two below.
+  "seed",
+  "num_validation",
+  "resolution",
+  "process_count",
+)
+
+
 def shard_flags(cfg: PrecomputeConfig) -> dict[str, Any]:
   """The flags that decide the shards' contents (recorded in the manifest)."""
+  if cfg.uses_tasks:
+    out = {name: getattr(cfg, name) for name in _TASK_SHARD_FLAGS}
+    out["modules"] = list(cfg.modules)
+    for name in ("source_dir", "t5_checkpoint"):
+      if out[name] not in (None, "none"):
+        out[name] = _abs(out[name])
+    return out
   out = {}
   for name in _SHARD_FLAGS:
     value = getattr(cfg, name)
@@ -410,13 +533,19 @@ def command(cfg: PrecomputeConfig) -> str:
   """The `imagen-jax precompute` command line that repeats `cfg` on every host (it resumes)."""
   import shlex
 
+  if cfg.uses_tasks:
+    named = {k: getattr(cfg, k) for k in ("source", "task", "mixture")}
+    skip = ("source", "task", "mixture", "modules", "source_dir")
+  else:
+    named = {"source": cfg.source}
+    skip = ("source", "source_dir")
   flags = {
-    "source": cfg.source,
+    **named,
     "source_dir": cfg.source_dir and _abs(cfg.source_dir),
     "tfds_data_dir": cfg.tfds_data_dir and _abs(cfg.tfds_data_dir),
     "out": _abs(cfg.out),
     "vocab": _abs(cfg.vocab),
-    **{k: v for k, v in shard_flags(cfg).items() if k not in ("source", "source_dir")},
+    **{k: v for k, v in shard_flags(cfg).items() if k not in skip},
     "batch_size": cfg.batch_size,
   }
   # Every host reruns it with its own --process_index (jax's by default).
@@ -424,6 +553,7 @@ def command(cfg: PrecomputeConfig) -> str:
     del flags["process_count"]
   parts = ["imagen-jax", "precompute"]
   parts += [f"--{k}={shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
+  parts += [f"--module={shlex.quote(m)}" for m in cfg.modules]
   parts += [f"--split={shlex.quote(s)}" for s in cfg.splits]
   return " ".join(parts)
 
@@ -568,34 +698,36 @@ def _shard_records(out: str, names: list[str]) -> list[int | None]:
   return counts
 
 
-def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files) -> dict[str, Any]:
-  identity = dict(encoder.identity())
+def _split_entries(cfg, plans, num_source: dict[str, int]) -> dict[str, dict[str, Any]]:
+  """The manifest's per-split entries: shards and record counts (read from the sidecars)."""
   splits = {}
   for split, plan in plans.items():
     names = [shards.shard_name(split, s, len(plan)) for s in range(len(plan))]
     counts = _shard_records(cfg.out, names)
     splits[split] = {
-      "num_source_examples": len(sources[split]),
+      "num_source_examples": num_source[split],
       # None while another process is still writing some of the shards.
       "num_records": None if None in counts else sum(counts),
       "num_shards": len(plan),
       "shards": names,
       "shard_records": counts,
     }
-  available = next(iter(sources.values())).available_splits
+  return splits
+
+
+def _manifest(cfg, encoder, vocab_sha, source, splits) -> dict[str, Any]:
   return {
     "format": shards.FORMAT,
-    "encoder": identity,
+    "encoder": dict(encoder.identity()),
     "vocab_sha256": vocab_sha,
     "vocab_file": os.path.basename(cfg.vocab),
-    # Copies beside the shards: `sample` finds the vocabulary from the data dir alone.
-    "vocab_files": vocab_files,
+    # Copies beside the shards (filled in by _finish): `sample` finds the vocabulary there.
+    "vocab_files": [],
     "max_length": cfg.max_length,
     "embedding_width": int(encoder.width),
     "embedding_dtype": "bfloat16",
     "embedding_holds": "real tokens only (EOS included); re-pad to max_length with zeros",
-    # The source's splits: a 'validation' missing here was not built (--num_validation=0).
-    "source": {"name": cfg.source, "tfds_dir": tfds_dir, "seed": cfg.seed, "splits": available},
+    "source": source,
     "examples_per_shard": cfg.examples_per_shard,
     "process_count": cfg.process_count,
     "splits": splits,
@@ -603,6 +735,382 @@ def _manifest(cfg, tfds_dir, sources, plans, encoder, vocab_sha, vocab_files) ->
     # What repairs these shards: rerun it (add --verify to also check every record's CRCs).
     "command": command(cfg),
   }
+
+
+# ----------------------------------------------------------------------------------------------
+# Task / Mixture jobs
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_tasks(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]:
+  """run_precompute for --task / --mixture (see the module docstring for the plan)."""
+  from imagen_jax.text import vocabulary
+
+  vocab_sha = vocabulary.file_sha256(cfg.vocab)
+  provider, tasks_read = resolve_provider(cfg)
+  previous = _previous_manifest(cfg, vocab_sha)
+  # Every check above reads only; from here on the job writes (a built-in TFDS source builds).
+  errors.check_writable_dir(cfg.out, "--out")
+  lengths = {split: _stream_length(cfg, provider, split, previous) for split in cfg.splits}
+  sizes = {split: n for split, (n, _) in lengths.items()}
+  plans, todo, skipped, rewritten, encoder, progress = _plan(cfg, sizes, previous, encoder)
+  written_bytes, written = 0, 0
+  t0 = time.time()
+  for split in cfg.splits:
+    mine = {s: path for sp, s, path in todo if sp == split}
+    if mine:
+      b, n = _write_stream(
+        cfg, provider, split, plans[split], mine, lengths[split][1], encoder, progress
+      )
+      written_bytes, written = written_bytes + b, written + n
+  seconds = time.time() - t0
+  manifest = _task_manifest(cfg, provider, tasks_read, lengths, plans, encoder, vocab_sha)
+  return _finish(
+    cfg, manifest, previous, progress, seconds, written_bytes, written, skipped, rewritten
+  )
+
+
+def resolve_provider(cfg: PrecomputeConfig) -> tuple[Any, list[str]]:
+  """Registers the built-in tasks, imports --module, looks the Task / Mixture up and checks it.
+
+  Returns:
+    (the seqio Task or Mixture, the names of the Tasks it reads for cfg.splits).
+
+  Raises:
+    errors.UserError: unknown name, a module that does not import, a split it lacks, no
+      'text_tokens' feature of this vocabulary, a built-in task's missing input.
+  """
+  import seqio
+
+  from imagen_jax.data import tasks
+
+  tasks.register_builtin_tasks(_builtin_inputs(cfg))
+  _import_modules(cfg.modules)
+  name = cfg.provider_name
+  flag = cfg.provider_flag
+  try:
+    provider = seqio.get_mixture_or_task(name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+    _fail(
+      f"{flag} is not a registered seqio Task or Mixture",
+      f"register it in a module passed with --module=MODULE, or pick one of {shown}",
+    )
+  is_mixture = isinstance(provider, seqio.Mixture)
+  if cfg.task and is_mixture:
+    _fail(f"{flag} is a Mixture", f"pass --mixture={name}")
+  if cfg.mixture and not is_mixture:
+    _fail(f"{flag} is a Task", f"pass --task={name}")
+  for split in cfg.splits:
+    if split not in provider.splits:
+      _fail(
+        f"--split={split} is not a split of {flag}",
+        f"pick from {', '.join(sorted(provider.splits))}",
+      )
+  feature = provider.output_features.get(tasks.TEXT_FEATURE)
+  if feature is None:
+    _fail(
+      f"{flag} has no {tasks.TEXT_FEATURE!r} output feature (has {sorted(provider.output_features)})",
+      "tokenize the caption into 'text_tokens' (tasks.token_preprocessors())",
+    )
+  _check_vocabulary(cfg, flag, feature.vocabulary)
+  names = sorted({t.name for split in cfg.splits for t in tasks.leaf_tasks(provider, split)})
+  for task_name in names:
+    if task_name in tasks.BUILTIN_TASKS:
+      _check_builtin_input(cfg, task_name)
+  return provider, names
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+  import importlib
+  import sys
+
+  # t5x style: modules next to where the job runs import without a PYTHONPATH entry.
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except Exception as e:  # the user's code: any failure is theirs to fix
+      first = (str(e).strip().splitlines() or [""])[0]
+      _fail(
+        f"--module={module} failed to import ({type(e).__name__}: {first})",
+        f"make `python -c 'import {module}'` work (PYTHONPATH, or run from its directory)",
+      )
+
+
+def _check_vocabulary(cfg: PrecomputeConfig, flag: str, vocab: Any) -> None:
+  """The task's tokens must be ids of --vocab: the encoder's embedding table is --vocab's."""
+  from imagen_jax.text import vocabulary
+
+  path = getattr(vocab, "sentencepiece_model_file", None)
+  if path and os.path.isfile(path):
+    same = vocabulary.file_sha256(path) == vocabulary.file_sha256(cfg.vocab)
+  else:
+    same = vocab.vocab_size == vocabulary.load_vocabulary(cfg.vocab).vocab_size
+  if not same:
+    _fail(
+      f"{flag} tokenizes with another vocabulary ({path or vocab}) than --vocab={cfg.vocab!r}",
+      "build the task's output feature with the --vocab model (or pass that model as --vocab)",
+    )
+
+
+def _builtin_inputs(cfg: PrecomputeConfig):
+  from imagen_jax.data import image_text_folder, tasks
+
+  prepared: dict[str, str] = {}
+
+  def tfds_dir(source: str) -> str:
+    if source not in prepared:
+      prepared[source] = prepare_source(dataclasses.replace(cfg, source=source, task=None))
+    return prepared[source]
+
+  folder_splits = ["train"]
+  if cfg.source_dir and os.path.isdir(cfg.source_dir):
+    folder_splits = sorted(image_text_folder.list_splits(cfg.source_dir))
+  return tasks.BuiltinInputs(
+    vocab=cfg.vocab,
+    tfds_dir=tfds_dir,
+    shapes_splits=["train", "validation"] if cfg.num_validation > 0 else ["train"],
+    image_text_folder_splits=folder_splits,
+    source_dir=cfg.source_dir,
+    min_image_size=cfg.min_image_size,
+    max_aspect_ratio=cfg.max_aspect_ratio,
+    min_caption_length=cfg.min_caption_length,
+    max_caption_length=cfg.max_caption_length,
+  )
+
+
+def _check_builtin_input(cfg: PrecomputeConfig, name: str) -> None:
+  """What a built-in task reads exists (read-only checks)."""
+  from imagen_jax.data import webdataset
+
+  if name == "imagen_shapes":
+    _check_minimums(
+      ("--num_validation", cfg.num_validation, 0),
+      ("--resolution", cfg.resolution, 8),
+      context=" for imagen_shapes",
+    )
+  elif name == "imagen_image_text_folder":
+    if not cfg.source_dir or not os.path.isdir(cfg.source_dir):
+      _fail(
+        f"{name} needs a folder; --source_dir={cfg.source_dir!r} is not one",
+        "pass --source_dir=FOLDER (images + captions)",
+      )
+  elif name == "imagen_webdataset":
+    if not cfg.source_dir:
+      _fail(f"{name} needs tar shards; no --source_dir given", "pass --source_dir=DIR or a glob")
+    try:
+      webdataset.list_tars(cfg.source_dir)
+    except FileNotFoundError as e:
+      _fail(
+        f"{name}: {e} (--source_dir)",
+        "pass a directory or glob of webdataset .tar shards (key.jpg + key.txt [+ key.json])",
+      )
+  elif name == "imagen_coco_captions":
+    data_dir = cfg.tfds_data_dir or os.environ.get(
+      "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
+    )
+    try:
+      records.find_tfds_dir(data_dir, "coco_captions")
+    except FileNotFoundError as e:
+      _fail(f"{name}: {e}", "prepare coco_captions with TFDS, and pass its --tfds_data_dir")
+
+
+def _stream_length(cfg: PrecomputeConfig, provider, split: str, previous) -> tuple[int, bool]:
+  """(T = examples the job takes, whether the stream ended before --num_examples).
+
+  Counted by reading the stream (once per run; a complete earlier run's count is reused: same
+  flags, checked).
+  """
+  from imagen_jax.data import tasks
+
+  entry = ((previous or {}).get("flags") and previous["splits"].get(split)) or {}
+  if isinstance(entry.get("num_source_examples"), int) and "stream_exhausted" in entry:
+    return entry["num_source_examples"], bool(entry["stream_exhausted"])
+  try:
+    ds, _ = tasks.stream(provider, split, cfg.max_length, cfg.seed)
+  except ValueError as e:
+    _fail(f"{cfg.provider_flag}: {e}", "yield 'caption', 'image' and 'text_tokens'")
+  n = 0
+  # Only a scalar per example crosses into Python; the stream is read to --num_examples + 1.
+  for _ in ds.take(cfg.num_examples + 1).map(lambda ex: ex["task"]).as_numpy_iterator():
+    n += 1
+  count = min(n, cfg.num_examples)
+  if count < cfg.process_count:
+    _fail(
+      f"{cfg.provider_flag} yields {count} examples for split {split!r}, fewer than "
+      f"--process_count={cfg.process_count}",
+      "check the data and its filters (the manifest of a run lists what was skipped)",
+    )
+  logger.info("precompute: %s %s: %d examples", cfg.provider_flag, split, count)
+  return count, n <= cfg.num_examples
+
+
+def _write_stream(cfg, provider, split, plan, mine, exhausted, encoder, progress):
+  """Reads the stream once, encoding and writing this process's shards `mine` {s: path}.
+
+  Returns:
+    (bytes written, shards written).
+  """
+  import bisect
+
+  import seqio
+
+  from imagen_jax.data import tasks
+
+  ds, leaf = tasks.stream(provider, split, cfg.max_length, cfg.seed)
+  names = [t.name for t in leaf]
+  tallies = [getattr(t.source, "tally", None) for t in leaf]
+  mixture = isinstance(provider, seqio.Mixture)
+  # A single task that ran out: the last shard also owns the skipped groups after its last
+  # example (read to the end so the source has seen them all).
+  tail_shard = len(plan) - 1 if exhausted and not mixture else None
+  ds = ds if tail_shard is not None else ds.take(plan[-1].stop)
+  starts = [r.start for r in plan]
+  last = max(mine)
+  written_bytes, written = 0, 0
+  prev = [-1] * len(leaf)  # each task's last source index before the current shard
+  cur = list(prev)
+  per_task = [0] * len(leaf)
+  buffer: list[dict[str, Any]] = []
+  pending = None
+
+  def flush(s, examples, prev, cur, per_task, tail):
+    nonlocal written_bytes, written
+    skipped = _skipped(tallies, prev, cur, per_task, tail)
+    payloads, sizes, counts = _encode_examples(
+      examples, names, mixture, encoder, cfg, progress, skipped
+    )
+    extra = {"task_records": counts, "skipped": skipped}
+    meta = shards.write_shard(mine[s], payloads, sizes, source=plan[s], extra=extra)
+    written_bytes += meta["size_bytes"]
+    written += 1
+    if cfg.debug_shard_delay_s:
+      time.sleep(cfg.debug_shard_delay_s)
+
+  for i, ex in enumerate(ds.as_numpy_iterator()):
+    s = bisect.bisect_right(starts, i) - 1
+    t = int(ex["task"])
+    cur[t] = max(cur[t], int(ex["source_index"]))
+    per_task[t] += 1
+    if s in mine:
+      buffer.append(ex)
+    if i != plan[s].stop - 1:
+      continue
+    if s == tail_shard:
+      pending = (s, buffer, list(prev), list(cur), list(per_task))
+    elif s in mine:
+      flush(s, buffer, prev, cur, per_task, tail=False)
+    prev, per_task, buffer = list(cur), [0] * len(leaf), []
+    if s >= last and s != tail_shard:
+      break
+  if pending is not None and pending[0] in mine:
+    flush(*pending, tail=True)
+  return written_bytes, written
+
+
+def _skipped(tallies, prev, cur, per_task, tail: bool) -> dict[str, int]:
+  """Source groups of the shard's stretch that are no example: the source's skips by reason,
+  plus 'filtered' (dropped by the task's preprocessors: the groups between source indices that
+  neither became an example nor were skipped)."""
+  out: dict[str, int] = {}
+  for t, tally in enumerate(tallies):
+    if tally is None:
+      continue
+    end = tally.total if tail and tally.total is not None else cur[t] + 1
+    bad = tally.count(prev[t] + 1, end)
+    for reason, n in bad.items():
+      out[reason] = out.get(reason, 0) + n
+    filtered = end - (prev[t] + 1) - per_task[t] - sum(bad.values())
+    if filtered > 0:
+      out["filtered"] = out.get("filtered", 0) + filtered
+  return out
+
+
+def _encode_examples(examples, names, mixture, encoder, cfg, progress, skipped):
+  """Encodes stream examples (tokens are the task's own) into shard records.
+
+  Returns:
+    (payloads, image sizes, {task name: records}); undecodable images are left out and counted
+    in `skipped`.
+  """
+  rows = []
+  for ex in examples:
+    try:
+      size = image_size(ex["image"])
+    except Exception:  # PIL raises many kinds on bad bytes; the example is skipped either way
+      skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
+      logger.warning("precompute: skipping %s: undecodable image", ex["key"].decode())
+      continue
+    task = names[int(ex["task"])]
+    key = ex["key"].decode("utf-8")
+    rows.append((f"{task}/{key}" if mixture else key, ex, size, task))
+  counts = {name: 0 for name in names}
+  payloads, sizes = [], []
+  batch = _encode_batch_size(cfg.batch_size)
+  for start in range(0, len(rows), batch):
+    chunk = rows[start : start + batch]
+    # A fixed batch shape: the last, short batch is padded so the encoder never recompiles.
+    padded = np.zeros((batch, cfg.max_length), np.int32)
+    for j, (_, ex, _, _) in enumerate(chunk):
+      tokens = ex["text_tokens"][: cfg.max_length]
+      padded[j, : len(tokens)] = tokens
+    emb, mask = encoder.encode_tokens(padded)
+    emb, mask = np.asarray(emb), np.asarray(mask)
+    for j, (key, ex, (h, w), task) in enumerate(chunk):
+      n = int(mask[j].sum())
+      caption = ex["caption"].decode("utf-8")
+      sizes.append((h, w))
+      payloads.append(
+        shards.make_record(
+          key, caption, ex["image"], h, w, padded[j, :n], emb[j, :n].astype(np.float32)
+        )
+      )
+      counts[task] += 1
+    progress.update(len(chunk))
+  return payloads, sizes, counts
+
+
+def _sum_sidecars(out: str, names: list[str], field: str) -> dict[str, int] | None:
+  """Sum over the shards' sidecars of a {name: count} field; None while a shard is missing."""
+  total: dict[str, int] = {}
+  for name in names:
+    try:
+      meta = shards.load_shard_meta(os.path.join(out, name))
+    except (FileNotFoundError, ValueError):
+      return None
+    for k, v in (meta.get(field) or {}).items():
+      total[k] = total.get(k, 0) + int(v)
+  return total
+
+
+def _task_manifest(cfg, provider, tasks_read, lengths, plans, encoder, vocab_sha) -> dict[str, Any]:
+  import seqio
+
+  from imagen_jax.data import tasks
+
+  splits = _split_entries(cfg, plans, {split: n for split, (n, _) in lengths.items()})
+  for split, entry in splits.items():
+    names = entry["shards"]
+    entry["stream_exhausted"] = lengths[split][1]
+    # Sums of the shards' sidecars (None while another process is still writing some).
+    entry["task_records"] = _sum_sidecars(cfg.out, names, "task_records")
+    entry["skipped"] = _sum_sidecars(cfg.out, names, "skipped")
+  is_mixture = isinstance(provider, seqio.Mixture)
+  source = {
+    "name": provider.name,
+    "kind": "mixture" if is_mixture else "task",
+    "tasks": tasks_read,
+    "modules": list(cfg.modules),
+    "seed": cfg.seed,
+    "splits": sorted(provider.splits),
+  }
+  if is_mixture:
+    leaf = {t.name: t for split in cfg.splits for t in tasks.leaf_tasks(provider, split)}
+    source["rates"] = {name: provider.get_rate(t) for name, t in sorted(leaf.items())}
+  return _manifest(cfg, encoder, vocab_sha, source, splits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,10 +1129,48 @@ def add_arguments(parser) -> None:
   a = parser.add_argument
   a(
     "--source",
-    required=True,
-    help="shapes | image_text_folder | a prepared TFDS name (e.g. coco_captions)",
+    default=None,
+    help="shapes | image_text_folder | a prepared TFDS name (e.g. coco_captions), read by record "
+    "index; webdataset = --task=imagen_webdataset",
   )
-  a("--source_dir", default=None, help="image_text_folder: the folder of images + captions")
+  a(
+    "--task",
+    default=None,
+    help="a registered seqio Task: imagen_shapes | imagen_image_text_folder | "
+    "imagen_coco_captions | imagen_webdataset | one a --module registers",
+  )
+  a("--mixture", default=None, help="a registered seqio Mixture (one set of shards, rates kept)")
+  a(
+    "--module",
+    action="append",
+    default=None,
+    help="Python module imported before the lookup, registering tasks / mixtures (repeatable)",
+  )
+  a(
+    "--source_dir",
+    default=None,
+    help="image_text_folder: the folder of images + captions; webdataset: a directory or glob "
+    "of .tar shards (local or gs://)",
+  )
+  a(
+    "--min_image_size",
+    type=int,
+    default=0,
+    help="webdataset: drop images whose shorter side is smaller (0 = off)",
+  )
+  a(
+    "--max_aspect_ratio",
+    type=float,
+    default=0.0,
+    help="webdataset: drop images whose long/short side ratio is larger (0 = off)",
+  )
+  a(
+    "--min_caption_length",
+    type=int,
+    default=0,
+    help="webdataset: drop shorter captions (characters)",
+  )
+  a("--max_caption_length", type=int, default=0, help="webdataset: drop longer captions (0 = off)")
   a(
     "--tfds_data_dir",
     default=None,
@@ -643,10 +1189,15 @@ def add_arguments(parser) -> None:
   a(
     "--split", action="append", default=None, help="split(s) to process (repeatable; default train)"
   )
-  a("--num_examples", type=int, default=10_000, help="shapes: train examples")
+  a(
+    "--num_examples",
+    type=int,
+    default=10_000,
+    help="shapes: train examples; tasks / mixtures: take (at most) the stream's first N",
+  )
   a("--num_validation", type=int, default=1_000, help="shapes: validation examples")
   a("--resolution", type=int, default=64, help="shapes: image resolution")
-  a("--seed", type=int, default=0, help="shapes: generation seed")
+  a("--seed", type=int, default=0, help="shapes: generation seed; mixtures: sampling seed")
   a(
     "--batch_size",
     type=int,
@@ -681,6 +1232,13 @@ def run(args) -> int:
     args.process_count = jax.process_count() if args.process_count is None else args.process_count
   cfg = PrecomputeConfig(
     source=args.source,
+    task=args.task,
+    mixture=args.mixture,
+    modules=tuple(args.module or ()),
+    min_image_size=args.min_image_size,
+    max_aspect_ratio=args.max_aspect_ratio,
+    min_caption_length=args.min_caption_length,
+    max_caption_length=args.max_caption_length,
     out=args.out,
     vocab=args.vocab,
     t5_checkpoint=args.t5_checkpoint,
@@ -711,4 +1269,19 @@ def run(args) -> int:
     f"({checked}), {st['bytes_per_example']:.0f} bytes/example; "
     f"manifest {os.path.join(cfg.out, shards.MANIFEST)}"
   )
+  for split, entry in manifest["splits"].items() if cfg.uses_tasks else ():
+    if split not in cfg.splits:
+      continue
+    per_task = entry.get("task_records")
+    skipped = entry.get("skipped")
+    pending = "pending other hosts" if per_task is None else None
+    print(
+      f"precompute: {split}: {entry['num_source_examples']} examples taken from "
+      f"{manifest['source']['name']}; records per task: {pending or _counts(per_task)}; "
+      f"skipped: {pending or _counts(skipped) or 'none'}"
+    )
   return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+  return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

@@ -164,6 +164,7 @@ def write_shard(
   payloads: Sequence[bytes],
   image_sizes: Sequence[tuple[int, int]],
   source: range | None = None,
+  extra: dict[str, Any] | None = None,
 ):
   """Writes one shard atomically: sidecar first, records to a temporary name, then renamed.
 
@@ -173,6 +174,7 @@ def write_shard(
     image_sizes: (height, width) per record, summarised in the sidecar.
     source: the source examples the shard holds (recorded, so a rerun with another plan
       notices).
+    extra: more JSON facts for the sidecar (e.g. records per task, skipped source examples).
 
   Returns:
     The sidecar dict.
@@ -198,6 +200,7 @@ def write_shard(
   }
   if source is not None:
     meta["source_range"] = [source.start, source.stop]
+  meta.update(extra or {})
   atomic_write_text(path + ".json", json.dumps(meta))
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return meta

@@ -1,7 +1,7 @@
 """`imagen-jax encode`: captions -> T5 embeddings in an .npz file.
 
   imagen-jax encode --t5_checkpoint=PATH --vocab=SPM_MODEL --text="a cat" [--text=...] \
-      --out=FILE.npz [--max_length=N] [--size=base] [--gin_file=configs/models/t5_xxl.gin]
+      --out=FILE.npz [--max_length=N] [--t5_size=base] [--gin_file=configs/models/t5_xxl.gin]
 
 The checkpoint format (T5X legacy/orbax, Hugging Face safetensors) is detected from the files;
 `--t5_checkpoint=random` uses random weights (demos only). Writes `embeddings` [B, L, D] float32
@@ -12,6 +12,7 @@ Explicit flags override gin bindings of `encoder.load_text_encoder`, which overr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from imagen_jax import errors, gin_utils
@@ -32,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="output .npz path")
   parser.add_argument("--max_length", type=int, default=None, help="token length (default 128)")
   parser.add_argument(
-    "--size", default=None, help="tiny|small|base|large|xl|xxl (default base, or the gin file's)"
+    "--t5_size",
+    default=None,
+    help="tiny|small|base|large|xl|xxl (default base, or the gin file's)",
   )
+  # The spelling of precompute, sample and export is --t5_size; --size still works.
+  parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
   parser.add_argument("--seed", type=int, default=None, help="weight seed for 'random'")
   gin_utils.add_gin_arguments(parser)
@@ -60,6 +65,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
   """Encodes `--text` captions and writes the .npz; returns the exit code."""
   _check_inputs(args)
+  if args.size is not None:
+    logging.warning("encode: --size is deprecated; spell it --t5_size=%s", args.size)
+    args.t5_size = args.t5_size or args.size
 
   import numpy as np
 
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
   overrides = {
     k: v
     for k, v in dict(
-      size=args.size, max_length=args.max_length, dtype=args.dtype, seed=args.seed
+      size=args.t5_size, max_length=args.max_length, dtype=args.dtype, seed=args.seed
     ).items()
     if v is not None
   }

@@ -430,7 +430,7 @@ def test_readme_encode_example_runs_without_gin_from_any_directory(checkpoints, 
     "encode",
     f"--t5_checkpoint={checkpoints['hf']}",
     f"--vocab={spm_path}",
-    "--size=tiny",
+    "--t5_size=tiny",
     "--text=a red square",
     "--out=emb.npz",
   ]
@@ -450,6 +450,13 @@ def test_readme_encode_example_runs_without_gin_from_any_directory(checkpoints, 
     "imagen-jax encode: error: --t5_checkpoint='nope' does not exist (or pass 'random' for "
     "random weights)"
   ]
+
+
+def test_encode_old_size_flag_still_works(checkpoints, spm_path, tmp_path, caplog):
+  argv = ["encode", f"--t5_checkpoint={checkpoints['hf']}", f"--vocab={spm_path}", "--text=x"]
+  assert cli.main([*argv, "--size=tiny", f"--out={tmp_path / 'old.npz'}"]) == 0
+  assert "--size is deprecated; spell it --t5_size=tiny" in caplog.text
+  assert np.load(tmp_path / "old.npz")["embeddings"].shape[-1] == 64  # the tiny T5's width
 
 
 def _cpu_env() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from imagen_jax.diffusion.validation import check_choice
+from imagen_jax.utils.validation import check_choice
 
 OPTIMIZERS = ("adam", "adafactor")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from imagen_jax.diffusion import losses, noise_aug, process, samplers, schedules
-from imagen_jax.diffusion.validation import check_choice, check_range
+from imagen_jax.utils.validation import check_choice, check_range
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imagen_jax")
 CORE = ("imagen_jax.nn", "imagen_jax.diffusion")
-CORE_MAY_IMPORT = (*CORE, "imagen_jax.errors")
+CORE_MAY_IMPORT = (*CORE, "imagen_jax.errors", "imagen_jax.utils")
 
 
 def _modules() -> dict[str, str]:

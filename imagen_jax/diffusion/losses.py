@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion.process import OBJECTIVES, training_target
-from imagen_jax.diffusion.validation import check_choice
+from imagen_jax.utils.validation import check_choice
 
 
 def min_snr_weight(log_snr: jax.Array, gamma: float, objective: str) -> jax.Array:

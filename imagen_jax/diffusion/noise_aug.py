@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion.process import q_sample
 from imagen_jax.diffusion.schedules import get_schedule
-from imagen_jax.diffusion.validation import check_range
+from imagen_jax.utils.validation import check_range
 
 DEFAULT_SAMPLING_AUG_LEVEL = 0.2  # the paper finds 0 best for FID and 0.1–0.3 best-looking
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion.schedules import alpha_sigma
-from imagen_jax.diffusion.validation import check_choice
+from imagen_jax.utils.validation import check_choice
 
 OBJECTIVES = ("eps", "v")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion.validation import check_choice
+from imagen_jax.utils.validation import check_choice
 
 # λ is clipped to this range so both endpoints stay finite in float32: sigmoid(±20) is within
 # 2e-9 of 0/1, i.e. pure noise at t=1 and (almost) clean data at t=0.

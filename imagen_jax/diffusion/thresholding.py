@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion.process import broadcast_to_rank
-from imagen_jax.diffusion.validation import check_choice, check_range
+from imagen_jax.utils.validation import check_choice, check_range
 
 THRESHOLDING_MODES = ("none", "static", "dynamic")
 DEFAULT_PERCENTILE = 99.5  # the paper's p

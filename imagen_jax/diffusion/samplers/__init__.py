@@ -25,7 +25,7 @@ from imagen_jax.diffusion import guidance, process, schedules
 from imagen_jax.diffusion import thresholding as thresholding_lib
 from imagen_jax.diffusion.samplers import ancestral, ddim, dpmpp_2m
 from imagen_jax.diffusion.samplers.base import History, Step
-from imagen_jax.diffusion.validation import check_choice, check_positive_int, check_range
+from imagen_jax.utils.validation import check_choice, check_positive_int, check_range
 
 # name -> step function. Add a sampler with a module holding its `step` and a line here.
 STEPS: dict[str, Step] = {

@@ -1,4 +1,4 @@
-"""Argument checks shared by the diffusion core: errors name the argument and what it may be."""
+"""Argument checks shared by every layer: errors name the argument and what it may be."""
 
 from __future__ import annotations
 

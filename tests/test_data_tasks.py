@@ -411,3 +411,61 @@ def test_bad_task_input_is_one_line(tmp_path, spm, capsys, monkeypatch):
   for flags, pattern in cases:
     cli_helpers.user_error(capsys, [*base, *flags], pattern)
   assert not (tmp_path / "new").exists()  # nothing written by any of them
+
+
+def test_task_imagen_shapes_holds_what_source_shapes_holds(tmp_path, spm, encoder):
+  flags = dict(num_examples=12, num_validation=0, resolution=16, examples_per_shard=5)
+  direct = precompute.run_precompute(_cfg(tmp_path / "a", spm, source="shapes", **flags), encoder)
+  seqio_run = precompute.run_precompute(
+    _cfg(tmp_path / "b", spm, task="imagen_shapes", **flags), encoder
+  )
+  assert direct["splits"]["train"]["shard_records"] == [5, 5, 2]
+  assert seqio_run["splits"]["train"]["shard_records"] == [5, 5, 2]
+  a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+  # Both in TFDS's on-disk order.
+  assert [r["key"] for r in a] == [r["key"] for r in b]
+  assert sorted(r["key"] for r in a) == [f"train_{i:08d}" for i in range(12)]
+  for x, y in zip(a, b):
+    assert (x["caption"], x["image"]) == (y["caption"], y["image"])  # the stored PNG bytes
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    np.testing.assert_array_equal(np.asarray(x["embedding"]), np.asarray(y["embedding"]))
+
+
+def test_two_hosts_and_verify_on_a_webdataset_task(tmp_path, spm, encoder, caplog):
+  src, out = str(tmp_path / "wds"), tmp_path / "out"
+  good = _write_webdataset(src)
+  flags = dict(source="webdataset", source_dir=src, min_image_size=8, examples_per_shard=4)
+  # Host 1 first: it plans the same 6 shards alone and writes the odd ones.
+  one = precompute.run_precompute(
+    _cfg(out, spm, process_index=1, process_count=2, **flags), encoder
+  )
+  assert one["splits"]["train"]["shard_records"] == [None, 4, None, 4, None, 2]
+  assert one["splits"]["train"]["skipped"] is None  # host 0's shards are not there yet
+  zero = precompute.run_precompute(
+    _cfg(out, spm, process_index=0, process_count=2, **flags), encoder
+  )
+  entry = zero["splits"]["train"]
+  assert entry["shard_records"] == [4, 4, 4, 4, 4, 2]
+  assert sum(entry["skipped"].values()) == 4 and entry["task_records"] == {"imagen_webdataset": 22}
+  assert [r["key"] for r in _records(out)] == sorted(good)
+  assert "--process_count=2" in zero["command"] and "--source=webdataset" in zero["command"]
+
+  # One flipped byte in host 0's shard 2: a --verify rerun by host 0 rewrites exactly it.
+  path = out / entry["shards"][2]
+  good_bytes = path.read_bytes()
+  meta = shards.load_shard_meta(str(path))
+  with open(path, "r+b") as f:
+    f.seek(meta["offsets"][1] + 30)
+    byte = f.read(1)
+    f.seek(meta["offsets"][1] + 30)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  again = precompute.run_precompute(
+    _cfg(out, spm, process_index=0, process_count=2, verify=True, **flags), encoder
+  )
+  assert [name for name, _ in again["stats"]["rewritten"]] == [entry["shards"][2]]
+  assert again["stats"]["shards_skipped"] == 2
+  assert path.read_bytes() == good_bytes
+  assert shards.load_shard_meta(str(path))["skipped"] == {
+    "undecodable_image": 1,
+    "missing_caption": 1,
+  }

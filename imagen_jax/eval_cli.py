@@ -2,9 +2,10 @@
 
   shapes     the synthetic grammar's attribute accuracy (`imagen_jax.eval_shapes`);
   fid        FID of a folder of images against reference statistics (.npz) or a folder;
-  reference  write the FID statistics (.npz: mu, sigma) of a folder of images.
-FID uses pytorch-fid's Inception weights, which the user brings (`--inception=...pth`).
-Inputs are checked before the network loads.
+  reference  write the FID statistics (.npz: mu, sigma) of a folder of images;
+  clip       CLIP score of a folder of images against the prompts in its index.json.
+FID uses pytorch-fid's Inception weights, which the user brings (`--inception=...pth`); CLIP
+score a Hugging Face CLIP folder (`--clip=DIR`). Inputs are checked before the network loads.
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   ref.add_argument("--out", required=True, help="the statistics file to write (STATS.npz)")
   _batch_size_flag(ref)
 
+  from imagen_jax.evaluation.clip import DEFAULT_BATCH_SIZE as CLIP_BATCH
+
+  clip = _add(
+    subs, "clip", "CLIP score of a folder of images against the prompts of its index.json"
+  )
+  clip.add_argument(
+    "--images", required=True, help="folder written by `imagen-jax sample` (PNGs + index.json)"
+  )
+  clip.add_argument(
+    "--clip",
+    required=True,
+    help="Hugging Face CLIP folder: config.json, model.safetensors, vocab.json, merges.txt "
+    "(e.g. openai/clip-vit-large-patch14, the papers' ViT-L/14)",
+  )
+  clip.add_argument("--out", default=None, help="write a JSON report (clip_score, per image) here")
+  clip.add_argument(
+    "--batch_size", type=int, default=CLIP_BATCH, help=f"images per batch (default {CLIP_BATCH})"
+  )
+
 
 def _add(subs, name: str, help_text: str) -> argparse.ArgumentParser:
   return subs.add_parser(name, help=help_text, description=help_text)
@@ -74,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     return eval_shapes.run(args)
   if args.benchmark == "fid":
     return run_fid(args)
+  if args.benchmark == "clip":
+    return run_clip(args)
   return run_reference(args)
 
 
@@ -168,4 +190,47 @@ def run_reference(args: argparse.Namespace) -> int:
   stats = fid.directory_stats(files, extractor, desc="fid reference")
   fid.save_stats(args.out, stats.mean, stats.sigma, stats.count)
   print(f"wrote FID statistics of {stats.count} images to {args.out}")
+  return 0
+
+
+def run_clip(args: argparse.Namespace) -> int:
+  """`eval clip`: prints the mean CLIP score and writes the optional JSON report."""
+  from imagen_jax.evaluation import clip, clip_model, clip_tokenizer
+
+  if args.batch_size < 1:
+    raise errors.UserError(f"--batch_size={args.batch_size} must be at least 1")
+  pairs = clip.indexed_prompts(args.images, "--images")
+  if not os.path.isdir(args.clip):
+    raise errors.UserError(
+      f"--clip={args.clip!r} is not a directory: pass {clip_model.WHERE_TO_GET}"
+    )
+  clip_model.read_config(args.clip)
+  clip_model.weight_files(args.clip)
+  tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(args.clip)
+  if args.out:
+    _check_out_dir(args.out)
+
+  model, variables = clip_model.load(args.clip)
+  scorer = clip.Scorer(model, variables, tokenizer, args.batch_size)
+  cosines = clip.cosine_pairs(pairs, scorer)
+  scores = 100.0 * cosines.clip(0.0, None)
+  value = float(scores.mean())
+  print(
+    f"CLIP score: {value:.4f} ({len(pairs)} images, {os.path.basename(os.path.normpath(args.clip))})"
+  )
+  if args.out:
+    report = {
+      "clip_score": value,
+      "num_images": len(pairs),
+      "images": os.path.abspath(args.images),
+      "clip": os.path.abspath(args.clip),
+      "batch_size": args.batch_size,
+      "definition": "mean over images of 100 * max(cos(image, prompt), 0)",
+      "per_image": [
+        {"file": os.path.basename(p), "prompt": t, "clip_score": float(s), "cosine": float(c)}
+        for (p, t), s, c in zip(pairs, scores, cosines, strict=True)
+      ],
+    }
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
   return 0

@@ -1,0 +1,164 @@
+"""CLIP score as the text-to-image literature reports it.
+
+  score      100 · max(cos(image embedding, text embedding), 0) per (image, prompt) pair,
+             averaged over the images (Hessel et al.'s CLIPScore without their w = 2.5 weight,
+             the form Imagen, Parti and SD papers report; Imagen used ViT-L/14 on COCO);
+  images     read as uint8 RGB, shortest side resized to the model's image size (224 for
+             ViT-L/14) with PIL's bicubic filter, centre-cropped, /255, normalised by CLIP's
+             mean and std: HF's CLIPImageProcessor (its PIL path, and OpenAI's preprocess);
+  prompts    from the folder's index.json (`imagen-jax sample`'s layout), tokenized with CLIP's
+             BPE (`clip_tokenizer`), 77 tokens.
+The networks (`clip_model`) read a Hugging Face CLIP folder the user brings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from imagen_jax import errors
+
+# OpenAI's normalisation constants (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+DEFAULT_BATCH_SIZE = 64
+
+
+def cosine(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+  """cos of matching rows [N, D] x [N, D] -> [N] (float64)."""
+  a = np.asarray(image_embeddings, np.float64)
+  b = np.asarray(text_embeddings, np.float64)
+  return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+  """100 · max(cos, 0) of matching rows [N, D] x [N, D] -> [N] (float64)."""
+  return 100.0 * np.maximum(cosine(image_embeddings, text_embeddings), 0.0)
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(height, width) with the shorter side `size` and the longer truncated as HF does."""
+  if width <= height:
+    return int(size * height / width), size
+  return size, int(size * width / height)
+
+
+def preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
+  """uint8 RGB [H, W, 3] -> float32 [size, size, 3], CLIP-normalised.
+
+  PIL's bicubic on the uint8 image (rounded to uint8, antialiased when shrinking) is exactly
+  what HF's PIL path and OpenAI's torchvision-on-PIL preprocess run. The crop offset is HF's
+  (excess // 2); torchvision's CenterCrop rounds half excesses to even, so on a non-square image
+  with an odd excess OpenAI's crop sits one pixel lower/right. Square images (what `sample`
+  writes) are only resized.
+  """
+  from PIL import Image
+
+  h, w = image.shape[:2]
+  new_h, new_w = resized_size(h, w, size)
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  image = image[top : top + size, left : left + size]
+  return ((image.astype(np.float32) / 255.0) - MEAN) / STD
+
+
+class Scorer:
+  """CLIP embeddings of images and prompts in fixed-size jitted batches (one compile each)."""
+
+  def __init__(self, model, variables: dict, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
+    import jax
+
+    self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    self.size = model.config.image_size
+    self.variables = jax.device_put(variables)
+    self._image = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
+    self._text = jax.jit(lambda v, ids: model.apply(v, ids, method="encode_text"))
+
+  @classmethod
+  def from_directory(cls, directory: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Scorer:
+    """From a HF CLIP folder: config.json, model.safetensors, vocab.json, merges.txt."""
+    from imagen_jax.evaluation import clip_model, clip_tokenizer
+
+    tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(directory)
+    model, variables = clip_model.load(directory)
+    return cls(model, variables, tokenizer, batch_size)
+
+  def _padded(self, fn: Callable, rows: np.ndarray):
+    n = rows.shape[0]
+    if n > self.batch_size:
+      raise ValueError(f"batch of {n} exceeds batch_size={self.batch_size}")
+    batch = np.zeros((self.batch_size, *rows.shape[1:]), rows.dtype)
+    batch[:n] = rows
+    return np.asarray(fn(self.variables, batch))[:n]
+
+  def image_embeddings(self, pixels: np.ndarray) -> np.ndarray:
+    """Preprocessed pixels [B, S, S, 3] -> unnormalised embeddings [B, D]."""
+    return self._padded(self._image, np.asarray(pixels, np.float32))
+
+  def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+    ids = self.tokenizer(prompts, context_length=self.model.config.max_positions)
+    return self._padded(self._text, ids)
+
+  def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+    """Cosines of uint8 images with their prompts, [B] (`score` maps them to CLIP scores)."""
+    pixels = np.stack([preprocess(im, self.size) for im in images])
+    return cosine(self.image_embeddings(pixels), self.text_embeddings(prompts))
+
+
+def indexed_prompts(directory: str, flag: str = "--images") -> list[tuple[str, str]]:
+  """(image path, prompt) for each entry of the folder's index.json, checked to exist."""
+  from imagen_jax import images
+
+  if not os.path.isdir(directory):
+    raise errors.UserError(f"{flag}={directory!r} is not a directory: pass a folder of images")
+  try:
+    index = images.read_index(directory)
+  except ValueError as e:
+    raise errors.UserError(f"{flag}: {e}") from e
+  where = os.path.join(directory, images.INDEX_FILE)
+  if index is None:
+    raise errors.UserError(
+      f"{where}: missing; CLIP score needs each image's prompt: pass a folder written by "
+      '`imagen-jax sample` (or add index.json: {"images": [{"file": ..., "prompt": ...}]})'
+    )
+  pairs = []
+  for i, entry in enumerate(index.get("images", [])):
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+      raise errors.UserError(f"{where}: images[{i}] has no 'file' name")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str):
+      raise errors.UserError(f"{where}: images[{i}] ({entry['file']}) has no 'prompt' string")
+    path = os.path.join(directory, entry["file"])
+    if not os.path.isfile(path):
+      raise errors.UserError(f"{where}: images[{i}] names {entry['file']!r}, which is missing")
+    pairs.append((path, prompt))
+  if not pairs:
+    raise errors.UserError(f"{where}: lists no images")
+  return pairs
+
+
+def cosine_pairs(
+  pairs: Sequence[tuple[str, str]], scorer: Scorer, progress: bool = True
+) -> np.ndarray:
+  """Per-image cosines of (path, prompt) pairs, batch by batch (tqdm bar when `progress`)."""
+  from imagen_jax.evaluation import fid
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pairs), desc="clip score", unit="img", dynamic_ncols=True)
+  out = []
+  try:
+    for start in range(0, len(pairs), scorer.batch_size):
+      chunk = pairs[start : start + scorer.batch_size]
+      out.append(scorer([fid.read_image(p) for p, _ in chunk], [t for _, t in chunk]))
+      if bar is not None:
+        bar.update(len(chunk))
+  finally:
+    if bar is not None:
+      bar.close()
+  return np.concatenate(out)

@@ -100,6 +100,36 @@ def test_parameter_names_are_hf_clipmodels(loaded):
   assert ours == stored - set(clip_model.UNUSED)
 
 
+# (text hidden/mlp/layers/heads, vision hidden/mlp/layers/heads, patch, image, projection) of
+# OpenAI's released sizes, and HF CLIPModel's parameter count for each (logit_scale excluded).
+SIZES = {
+  "ViT-B/32": ((512, 2048, 12, 8), (768, 3072, 12, 12), 32, 224, 512, 151_277_312),
+  "ViT-B/16": ((512, 2048, 12, 8), (768, 3072, 12, 12), 16, 224, 512, 149_620_736),
+  "ViT-L/14": ((768, 3072, 12, 12), (1024, 4096, 24, 16), 14, 224, 768, 427_616_512),
+  "ViT-L/14-336": ((768, 3072, 12, 12), (1024, 4096, 24, 16), 14, 336, 768, 427_944_192),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_released_sizes_have_hfs_parameter_count(size):
+  text, vision, patch, image, projection, count = SIZES[size]
+
+  def tower(dims):
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return dict(zip(keys, dims, strict=True))
+
+  config = clip_model.CLIPConfig.from_hf({
+    "projection_dim": projection,
+    "text_config": dict(tower(text), eos_token_id=2),  # as OpenAI's configs on the Hub say
+    "vision_config": dict(tower(vision), patch_size=patch, image_size=image),
+  })  # fmt: skip
+  shapes = clip_model.param_shapes(config)
+  assert sum(int(np.prod(s)) for s in shapes.values()) == count
+  assert (
+    shapes["vision_model/embeddings/position_embedding/embedding"][0] == (image // patch) ** 2 + 1
+  )
+
+
 def test_embeddings_match_hf(golden, loaded):
   """Projected image and text embeddings vs HF CLIPModel.get_*_features on random weights.
 

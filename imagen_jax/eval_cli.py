@@ -69,7 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
   clip.add_argument("--out", default=None, help="write a JSON report (clip_score, per image) here")
   clip.add_argument(
-    "--batch_size", type=int, default=CLIP_BATCH, help=f"images per batch (default {CLIP_BATCH})"
+    "--batch_size",
+    type=int,
+    default=CLIP_BATCH,
+    help=f"images per batch, split over all local devices (default {CLIP_BATCH}; rounded up to a "
+    "multiple of the device count)",
   )
 
 
@@ -224,7 +228,8 @@ def run_clip(args: argparse.Namespace) -> int:
       "num_images": len(pairs),
       "images": os.path.abspath(args.images),
       "clip": os.path.abspath(args.clip),
-      "batch_size": args.batch_size,
+      "batch_size": scorer.batch_size,
+      "devices": len(scorer.devices),
       "definition": "mean over images of 100 * max(cos(image, prompt), 0)",
       "per_image": [
         {"file": os.path.basename(p), "prompt": t, "clip_score": float(s), "cosine": float(c)}

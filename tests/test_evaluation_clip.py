@@ -149,6 +149,30 @@ def test_embeddings_match_hf(golden, loaded):
   np.testing.assert_allclose(again, text, rtol=0, atol=1e-6)
 
 
+def test_scorer_one_device_equals_eight(tmp_path, golden, loaded, tokenizer):
+  import jax
+
+  model, variables = loaded
+  images = [golden[f"image_{i}"] for i in range(3)]
+  prompts = [str(p) for p in golden["prompts"]]
+  assert len(jax.local_devices()) == 8  # tests/conftest.py
+  one = clip.Scorer(model, variables, tokenizer, batch_size=3, devices=jax.local_devices()[:1])
+  eight = clip.Scorer(model, variables, tokenizer, batch_size=3)
+  assert one.batch_size == 3 and eight.batch_size == 8  # rounded up to the device count
+  want = clip.cosine(golden["image_embeds"], golden["text_embeds"])
+  np.testing.assert_allclose(one(images, prompts), want, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(eight(images, prompts), one(images, prompts), rtol=0, atol=1e-6)
+  # Files in batches of 3: a full batch and a padded one.
+  src = str(tmp_path / "samples")
+  _sample_dir(src, golden)
+  pairs = clip.indexed_prompts(src)
+  got = clip.cosine_pairs(pairs, one, progress=False)
+  image = golden["image_embeds"][[i for i, _ in PAIRS]]
+  np.testing.assert_allclose(
+    got, clip.cosine(image, golden["text_embeds"][[t for _, t in PAIRS]]), atol=1e-5
+  )
+
+
 def test_preprocess_matches_hf_image_processor(golden):
   images = [golden[f"image_{i}"] for i in range(3)]
   assert {im.shape[:2] for im in images} == {(32, 32), (48, 40), (20, 28)}
@@ -276,7 +300,7 @@ def test_cli_eval_clip_end_to_end(tmp_path, golden, capsys):
   report_path = str(tmp_path / "report.json")
   argv = ["eval", "clip", f"--images={src}", f"--clip={TINY}", f"--out={report_path}"]
   capsys.readouterr()
-  assert cli.main([*argv, "--batch_size=3"]) == 0  # 4 images: a full and a padded batch
+  assert cli.main([*argv, "--batch_size=3"]) == 0  # one padded batch over the 8 test devices
   assert "CLIP score: " in capsys.readouterr().out
   with open(report_path) as f:
     report = json.load(f)
@@ -291,6 +315,7 @@ def test_cli_eval_clip_end_to_end(tmp_path, golden, capsys):
   np.testing.assert_allclose([r["clip_score"] for r in report["per_image"]], want, atol=1e-3)
   assert report["clip_score"] == pytest.approx(float(want.mean()), abs=1e-3)
   assert report["num_images"] == 4 and report["clip"] == os.path.abspath(TINY)
+  assert report["batch_size"] == 8 and report["devices"] == 8
   assert [r["prompt"] for r in report["per_image"]][3] == str(golden["prompts"][1])
 
 

@@ -66,14 +66,32 @@ def preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 class Scorer:
-  """CLIP embeddings of images and prompts in fixed-size jitted batches (one compile each)."""
+  """CLIP embeddings of images and prompts in fixed-size jitted batches (one compile each).
 
-  def __init__(self, model, variables: dict, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
+  Each batch is split over all local devices (params replicated once); `batch_size` is rounded
+  up to a multiple of the device count. Scores depend on the device count only by float
+  rounding.
+  """
+
+  def __init__(
+    self,
+    model,
+    variables: dict,
+    tokenizer,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    devices: Sequence | None = None,
+  ):
     import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    self.model, self.tokenizer = model, tokenizer
     self.size = model.config.image_size
-    self.variables = jax.device_put(variables)
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    n = len(self.devices)
+    self.batch_size = -(-batch_size // n) * n
+    mesh = Mesh(np.array(self.devices), ("batch",))
+    self._batch = NamedSharding(mesh, PartitionSpec("batch"))
+    self.variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     self._image = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
     self._text = jax.jit(lambda v, ids: model.apply(v, ids, method="encode_text"))
 
@@ -87,12 +105,14 @@ class Scorer:
     return cls(model, variables, tokenizer, batch_size)
 
   def _padded(self, fn: Callable, rows: np.ndarray):
+    import jax
+
     n = rows.shape[0]
     if n > self.batch_size:
       raise ValueError(f"batch of {n} exceeds batch_size={self.batch_size}")
     batch = np.zeros((self.batch_size, *rows.shape[1:]), rows.dtype)
     batch[:n] = rows
-    return np.asarray(fn(self.variables, batch))[:n]
+    return np.asarray(fn(self.variables, jax.device_put(batch, self._batch)))[:n]
 
   def image_embeddings(self, pixels: np.ndarray) -> np.ndarray:
     """Preprocessed pixels [B, S, S, 3] -> unnormalised embeddings [B, D]."""

@@ -57,6 +57,10 @@ TOKEN_CASES = (
   "  leading and trailing  ",
   "<|endoftext|> inside",
   "",
+  "ΣΑΣ İstanbul ǅ ß",  # HF lowercases per character: no final sigma
+  "\x1ca\x1c",  # not White_Space: kept (str.strip would drop them)
+  "a\u00a0b\u3000c\x85d\u2028e",  # White_Space beyond ASCII
+  "a\u200bb \ufeffc",  # zero-width characters are not spaces
 )
 IMAGE_SIZES = ((32, 32), (48, 40), (20, 28))  # (H, W): as is, shrink + crop, enlarge + crop
 

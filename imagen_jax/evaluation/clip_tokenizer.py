@@ -2,7 +2,7 @@
 
 The same ids as Hugging Face's `CLIPTokenizer` (and OpenAI's `simple_tokenizer` on text it
 does not "fix"):
-  normalise  Unicode NFC, every run of whitespace -> one space, lowercase;
+  normalise  Unicode NFC, every run of whitespace -> one space, lowercase (per character);
   split      `<|startoftext|>`, `<|endoftext|>`, the contractions 's 't 're 've 'm 'll 'd, runs
              of letters, single digits/numbers, runs of anything else that is not a space;
   bytes      each piece's UTF-8 bytes mapped to printable characters (`bytes_to_unicode`),
@@ -96,8 +96,13 @@ _SPACES = re.compile("[" + "".join(re.escape(c) for c in _WHITESPACE) + "]+")
 
 
 def normalize(text: str) -> str:
-  """NFC, whitespace runs -> one space, lowercase, stripped (HF's normaliser)."""
-  return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
+  """NFC, whitespace runs -> one space, lowercase (HF's normaliser).
+
+  Lowercased character by character, as HF's Rust normaliser does: `str.lower` on the whole
+  string applies the final-sigma rule (ΣΑΣ -> σας, OpenAI's tokenizer), HF gives σασ. No strip:
+  the split drops spaces anyway, and `str.strip` would also drop U+001C..U+001F, which HF keeps.
+  """
+  return "".join(map(str.lower, _SPACES.sub(" ", unicodedata.normalize("NFC", text))))
 
 
 class CLIPTokenizer:

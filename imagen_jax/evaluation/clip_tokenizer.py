@@ -9,9 +9,10 @@ does not "fix"):
              the last one marked with `</w>`, merged pair by pair in `merges.txt` rank order;
   frame      <|startoftext|> ids <|endoftext|>, truncated to 77 keeping the end token, padded.
 
-OpenAI's tokenizer also runs `ftfy.fix_text` and `html.unescape` twice before this; HF's does
-neither (ftfy is not a dependency here), so text with mojibake or HTML entities (`&amp;`) can
-tokenize differently from OpenAI's, never from HF's.
+OpenAI's tokenizer also runs `ftfy.fix_text` (which, among others, straightens curly quotes)
+and `html.unescape` twice before this, and lowercases with the final-sigma rule; HF's does
+none of that (ftfy is not a dependency here), so text with curly quotes, mojibake, HTML
+entities (`&amp;`) or a word-final capital sigma can tokenize differently from OpenAI's.
 
 The split pattern needs Unicode letter and number classes (`\\p{L}`, `\\p{N}`), which `re` lacks
 and the `regex` package is not a dependency. `re`'s `[^\\W\\d_]` would be close but is not the

@@ -217,7 +217,7 @@ def run_clip(args: argparse.Namespace) -> int:
   model, variables = clip_model.load(args.clip)
   scorer = clip.Scorer(model, variables, tokenizer, args.batch_size)
   cosines = clip.cosine_pairs(pairs, scorer)
-  scores = 100.0 * cosines.clip(0.0, None)
+  scores = clip.from_cosine(cosines)
   value = float(scores.mean())
   print(
     f"CLIP score: {value:.4f} ({len(pairs)} images, {os.path.basename(os.path.normpath(args.clip))})"
@@ -232,7 +232,12 @@ def run_clip(args: argparse.Namespace) -> int:
       "devices": len(scorer.devices),
       "definition": "mean over images of 100 * max(cos(image, prompt), 0)",
       "per_image": [
-        {"file": os.path.basename(p), "prompt": t, "clip_score": float(s), "cosine": float(c)}
+        {
+          "file": os.path.relpath(p, args.images),
+          "prompt": t,
+          "clip_score": float(s),
+          "cosine": float(c),
+        }
         for (p, t), s, c in zip(pairs, scores, cosines, strict=True)
       ],
     }

@@ -33,9 +33,14 @@ def cosine(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndar
   return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def from_cosine(cosines: np.ndarray) -> np.ndarray:
+  """CLIP scores 100 · max(cos, 0) of cosines."""
+  return 100.0 * np.maximum(np.asarray(cosines, np.float64), 0.0)
+
+
 def score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
   """100 · max(cos, 0) of matching rows [N, D] x [N, D] -> [N] (float64)."""
-  return 100.0 * np.maximum(cosine(image_embeddings, text_embeddings), 0.0)
+  return from_cosine(cosine(image_embeddings, text_embeddings))
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:

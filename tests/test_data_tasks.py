@@ -7,6 +7,7 @@ random T5, tar shards written with `tarfile` + PIL.
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -354,7 +355,11 @@ def test_webdataset_skips_and_counts_and_survives_sigkill(tmp_path, spm, capsys)
     "filtered": 1,
   }
   assert manifest["flags"]["min_image_size"] == 8
+  # The recorded command repeats the job: a plain check of the six shards, nothing rewritten.
+  print("manifest command:", manifest["command"])
   assert "--source=webdataset" in manifest["command"]
+  assert cli.main(shlex.split(manifest["command"])[1:] + ["--no_progress", "--verify"]) == 0
+  assert "(0 rewritten as bad), 6 already complete (CRC-verified)" in capsys.readouterr().out
 
   recs = _records(out)
   keys = [r["key"] for r in recs]

@@ -474,3 +474,60 @@ def test_two_hosts_and_verify_on_a_webdataset_task(tmp_path, spm, encoder, caplo
     "undecodable_image": 1,
     "missing_caption": 1,
   }
+
+
+def _fake_coco(data_dir):
+  """A prepared TFDS 'coco_captions' with coco's feature layout: image, image/id, captions."""
+  import tensorflow_datasets as tfds
+
+  class CocoCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.1.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "image/id": tfds.features.Scalar(np.int64),
+            "captions": tfds.features.Sequence(
+              {"id": tfds.features.Scalar(np.int64), "text": tfds.features.Text()}
+            ),
+          }
+        )
+      )
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        texts = _captions(10 * i, i + 1)  # 1, 2 and 3 captions
+        yield (
+          i,
+          {
+            "image": np.full((16, 12, 3), 60 * i, np.uint8),
+            "image/id": 100 + i,
+            "captions": [{"id": j, "text": t} for j, t in enumerate(texts)],
+          },
+        )
+
+  CocoCaptions.name = "coco_captions"
+  builder = CocoCaptions(data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
+
+
+def test_imagen_coco_captions_gives_one_example_per_caption(tmp_path, spm, encoder):
+  _fake_coco(str(tmp_path / "tfds"))
+  cfg = _cfg(
+    tmp_path / "out", spm, task="imagen_coco_captions", tfds_data_dir=str(tmp_path / "tfds")
+  )
+  manifest = precompute.run_precompute(cfg, encoder)
+  assert manifest["splits"]["train"]["num_records"] == 6
+  recs = {r["key"]: r for r in _records(tmp_path / "out")}
+  assert sorted(recs) == ["100/0", "101/0", "101/1", "102/0", "102/1", "102/2"]
+  for i in range(3):
+    for j, text in enumerate(_captions(10 * i, i + 1)):
+      r = recs[f"{100 + i}/{j}"]
+      assert r["caption"] == text and (r["image_height"], r["image_width"]) == (16, 12)
+      assert r["image"][:2] == b"\xff\xd8"  # the stored JPEG, not decoded and re-encoded

@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
   "eval": (
     "imagen_jax.eval_cli",
-    "score images: shapes accuracy, FID and FID reference statistics",
+    "score images: shapes accuracy, FID (and its reference statistics), CLIP score",
   ),
   "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),
   "export": ("imagen_jax.export", "write an inference bundle (params, configs, StableHLO)"),

@@ -29,9 +29,10 @@ def test_unquoted_gin_string_names_the_fix(capsys):
 
 
 def test_unknown_gin_parameter_is_one_line(capsys):
-  cli_helpers.user_error(
+  line = cli_helpers.user_error(
     capsys, [*TINY_TRAIN, "--gin.train.train.no_such_option=1"], "no_such_option"
   )
+  assert "In call to configurable" not in line and "invalid gin configuration" in line
 
 
 def test_verbose_shows_the_traceback(capsys, monkeypatch):

@@ -349,5 +349,5 @@ def test_cli_eval_clip_bad_inputs(tmp_path, golden, capsys):
     (["eval", "clip", f"--images={src}", clip_dir, "--batch_size=0"], "--batch_size=0"),
     (["eval", "clip", f"--images={src}", clip_dir, f"--out={src}"], "is a directory"),
   ]  # fmt: skip
-  for argv, pattern in cases:
-    cli_helpers.user_error(capsys, argv, pattern)
+  lines = [cli_helpers.user_error(capsys, argv, pattern) for argv, pattern in cases]
+  assert len(set(lines)) == len(cases), lines  # each bad input gets its own message

@@ -411,5 +411,5 @@ def test_cli_bad_inputs(tmp_path, capsys, weights_file):
     (["eval", "reference", f"--source={src}", weights, f"--out={blocker}/sub/s.npz"], "--out.*is not a writable directory"),
     (["eval", "reference", f"--source={src}", weights, f"--out={src}", "--batch_size=0"], "--batch_size=0"),
   ]  # fmt: skip
-  for argv, pattern in cases:
-    cli_helpers.user_error(capsys, argv, pattern)
+  lines = [cli_helpers.user_error(capsys, argv, pattern) for argv, pattern in cases]
+  assert len(set(lines)) == len(cases), lines  # each bad input gets its own message

@@ -393,7 +393,8 @@ def test_unwritable_model_dir_fails_fast_with_one_line(data_dir, tmp_path, capsy
 def test_no_gin_file_is_a_user_error(capsys):
   from tests import cli_helpers
 
-  cli_helpers.user_error(capsys, ["train"], r"error: pass at least one --gin_file \(")
+  line = cli_helpers.user_error(capsys, ["train"], r"error: pass at least one --gin_file \(")
+  assert line == "imagen-jax train: error: pass at least one --gin_file (a stage recipe and a run)"
 
 
 def test_text_shape_mismatch_names_bindings_that_exist(data_dir, tmp_path):

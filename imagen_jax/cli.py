@@ -4,8 +4,9 @@ Each subcommand lives in its own module exposing
   `add_arguments(parser: argparse.ArgumentParser) -> None` and
   `run(args: argparse.Namespace) -> int`.
 Modules are imported only when their subcommand runs, so `imagen-jax --help` stays fast.
-Errors: see `main`. Flags are absl-style (`--flag=value`); where configs apply, `--gin_file=F` (repeatable) and
+Flags are absl-style (`--flag=value`); where configs apply, `--gin_file=F` (repeatable) and
 `--gin.KEY=VALUE` bindings are accepted and collected into `args.gin_files` / `args.gin_bindings`.
+How errors are reported: see `main`.
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ def is_user_error(exc: BaseException) -> bool:
     return True
   if isinstance(exc, OSError) and getattr(exc, "filename", None):
     return True
-  if type(exc).__name__ in ("CorruptRecordError", "DoesNotFit"):
-    return True
   return isinstance(exc, _OWN_VALIDATION_TYPES) and _raised_here(exc)
 
 

@@ -3,8 +3,8 @@
 Config files ship inside the package (`imagen_jax/configs/`, linked from the repository's
 top-level `configs/`) and `include` each other by `configs/...` paths
 (`include 'configs/models/base64.gin'`), which resolve from the working directory first, then
-from the package, so they work from any directory and from a non-editable install. They use `from __gin__ import dynamic_registration`
-so library code carries no gin decorators.
+from the package, so they work from any directory and from a non-editable install. They use
+`from __gin__ import dynamic_registration` so library code carries no gin decorators.
 """
 
 from __future__ import annotations

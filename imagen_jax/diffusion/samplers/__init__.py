@@ -113,7 +113,9 @@ def sample(
   init_rng, loop_rng = jax.random.split(rng)
   z = jax.random.normal(init_rng, shape, jnp.float32) if init_noise is None else init_noise
   batch = shape[0]
-  history = History(jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), True)
+  history = History(
+    jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), jnp.asarray(True)
+  )
 
   def step(carry, i):
     z, history = carry

@@ -85,7 +85,8 @@ def _records(path: str) -> list[dict]:
 
 
 def _wait(condition, proc: subprocess.Popen, timeout_s: float) -> bool:
-  """Polls `condition` every 2 ms; False when the process ended or the time ran out first."""
+  """Polls `condition` every 2 ms; False when the process ended or the time ran out first
+  (with a condition that never holds: sleeps `timeout_s` unless the process ends)."""
   deadline = time.time() + timeout_s
   while time.time() < deadline:
     if condition():
@@ -113,7 +114,8 @@ def _kill_train_once(model_dir: str, data_dir: str, mode: str, rng: random.Rando
     stderr=subprocess.DEVNULL,
   )
   if mode == "startup":
-    hit = _wait(lambda: False, proc, rng.uniform(1.0, 8.0)) or proc.poll() is None
+    _wait(lambda: False, proc, rng.uniform(1.0, 8.0))  # a random moment of the start-up
+    hit = True
   elif mode == "step":
     hit = _wait(lambda: len(_lines(keys_file)) > seen, proc, 240)
     time.sleep(rng.uniform(0.0, 0.25))
@@ -245,7 +247,8 @@ def _kill_precompute_once(out: str, vocab: str, mode: str, rng: random.Random) -
   if mode == "write":
     hit = _wait(lambda: _shard_write_in_flight(out), proc, 120)
   else:  # a random moment: start-up, encoding, between shards
-    hit = not _wait(lambda: False, proc, rng.uniform(2.0, 12.0))
+    _wait(lambda: False, proc, rng.uniform(2.0, 12.0))
+    hit = True
   if proc.poll() is not None:
     return f"{mode}: finished before the kill (rc {proc.returncode})"
   proc.send_signal(signal.SIGKILL)

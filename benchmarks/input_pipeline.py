@@ -138,6 +138,17 @@ def _grain_transform(grain, resolution: int, lowres: int | None, crop: int | Non
   return Prepare()
 
 
+def _examples_per_s(it, warmup: int, examples: int, batch: int) -> float:
+  """Examples/s of `it` over whole batches covering `examples`, after `warmup` batches."""
+  for _ in range(warmup):
+    next(it)
+  batches = -(-examples // batch)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * batch / (time.perf_counter() - t0)
+
+
 def time_ours(root: str, stage: tuple, examples: int, threads: int) -> float:
   import ml_dtypes
 
@@ -156,14 +167,9 @@ def time_ours(root: str, stage: tuple, examples: int, threads: int) -> float:
     num_threads=threads,
     emb_dtype=ml_dtypes.bfloat16,
   )
-  batches = -(-examples // batch)
-  next(it)
-  t0 = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  seconds = time.perf_counter() - t0
+  rate = _examples_per_s(it, 1, examples, batch)
   it.close()
-  return batches * batch / seconds
+  return rate
 
 
 def time_grain(root: str, stage: tuple, examples: int, workers: int, threads: int) -> float:
@@ -184,16 +190,8 @@ def time_grain(root: str, stage: tuple, examples: int, workers: int, threads: in
     worker_count=workers,
     read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch),
   )
-  batches = -(-examples // batch)
-  it = iter(loader)
-  for _ in range(workers + 1):
-    next(it)
-  t0 = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  seconds = time.perf_counter() - t0
-  del it
-  return batches * batch / seconds
+  # One batch per worker + 1, so every worker has started before the clock does.
+  return _examples_per_s(iter(loader), workers + 1, examples, batch)
 
 
 def needed_per_host() -> dict[str, str]:
@@ -222,7 +220,7 @@ def _fmt(values: list[float]) -> str:
   return f"{np.median(values):.1f} [{min(values):.0f}, {max(values):.0f}]"
 
 
-def _decision(rows: list, args) -> list[str]:
+def _decision(rows: list) -> list[str]:
   """The choice the figures support, and why."""
   med = np.median
   faster = [n for n, _, o, g, h, _ in rows if max(med(g), med(h)) > 1.1 * med(o)]
@@ -306,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
       f"| {name} | {stage[0]} | {stage[5]} | {_fmt(ours)} | {_fmt(gmp)} | {_fmt(gth)} | {needed} |"
     )
-  lines += ["", *_decision(rows, args)]
+  lines += ["", *_decision(rows)]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(lines) + "\n")

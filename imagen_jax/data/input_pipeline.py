@@ -188,7 +188,7 @@ class _PrecomputedExamples:
 
   def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     del rng
-    payload = self._readers.read(self.paths[self._file_idx[index]], int(self._offsets[index]))
+    payload = self._readers.read(self.file_of(index), int(self._offsets[index]))
     return shards.decode_record(payload, self.width)
 
 

@@ -90,6 +90,11 @@ class PrecomputeConfig:
     return self.task or self.mixture or "imagen_webdataset"
 
   @property
+  def shapes_splits(self) -> list[str]:
+    """The splits shapes builds: TFDS refuses an empty split, so --num_validation=0 has none."""
+    return ["train", "validation"] if self.num_validation > 0 else ["train"]
+
+  @property
   def provider_flag(self) -> str:
     """How the command line named it, e.g. "--task='x'"."""
     if self.source:
@@ -100,8 +105,8 @@ class PrecomputeConfig:
     """Raises errors.UserError on bad arguments, before anything is loaded or written."""
     from imagen_jax.nn import t5
 
-    given = [f for f, v in (("--source", self.source), ("--task", self.task)) if v]
-    given += ["--mixture"] if self.mixture else []
+    named = (("--source", self.source), ("--task", self.task), ("--mixture", self.mixture))
+    given = [flag for flag, value in named if value]
     if len(given) != 1:
       _fail(
         f"{' and '.join(given) + ' given together' if given else 'no data given'}",
@@ -135,11 +140,7 @@ class PrecomputeConfig:
     elif self.source == "shapes":
       self._validate_shapes()
     elif self.source == "image_text_folder":
-      if not self.source_dir or not os.path.isdir(self.source_dir):
-        _fail(
-          f"--source=image_text_folder needs a folder; --source_dir={self.source_dir!r} is not one",
-          "pass --source_dir=FOLDER (images + captions)",
-        )
+      _check_source_folder("--source=image_text_folder", self.source_dir)
       from imagen_jax.data import image_text_folder
 
       self._check_splits(sorted(image_text_folder.list_splits(self.source_dir)))
@@ -174,7 +175,7 @@ class PrecomputeConfig:
       ("--seed", self.seed, 0),
       context=" for shapes",
     )
-    self._check_splits(["train", "validation"] if self.num_validation else ["train"])
+    self._check_splits(self.shapes_splits)
 
   def _check_splits(self, available: list[str]) -> None:
     missing = [s for s in self.splits if s not in available]
@@ -195,6 +196,15 @@ def _check_minimums(*checks: tuple[str, float, int], context: str = "") -> None:
   for flag, value, low in checks:
     if value < low:
       _fail(f"{flag}={value} is out of range{context}", f"pass {flag}={low} or more")
+
+
+def _check_source_folder(what: str, source_dir: str | None) -> None:
+  """An image_text_folder job (--source or the built-in task, named by `what`) needs its folder."""
+  if not source_dir or not os.path.isdir(source_dir):
+    _fail(
+      f"{what} needs a folder; --source_dir={source_dir!r} is not one",
+      "pass --source_dir=FOLDER (images + captions)",
+    )
 
 
 def _check_out_dir(out: str) -> None:
@@ -237,10 +247,14 @@ def prepare_source(cfg: PrecomputeConfig) -> str:
 
     builder = image_text_folder.build(cfg.source_dir, tfds_dir)
     return os.fspath(builder.data_path)
-  data_dir = cfg.tfds_data_dir or os.environ.get(
+  return records.find_tfds_dir(_tfds_data_dir(cfg), cfg.source)
+
+
+def _tfds_data_dir(cfg: PrecomputeConfig) -> str:
+  """Where prepared TFDS datasets are looked up: --tfds_data_dir, else TFDS's own default."""
+  return cfg.tfds_data_dir or os.environ.get(
     "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
   )
-  return records.find_tfds_dir(data_dir, cfg.source)
 
 
 def _wait_for_tfds(tfds_dir: str, name: str, timeout_s: float = 3600) -> str:
@@ -335,14 +349,16 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   written_bytes, written = 0, 0
   t0 = time.time()
   for split, s, path in todo:
-    payloads, sizes = _encode_range(sources[split], plans[split][s], vocab, encoder, cfg, progress)
-    meta = shards.write_shard(path, payloads, sizes, source=plans[split][s])
+    payloads, image_sizes = _encode_range(
+      sources[split], plans[split][s], vocab, encoder, cfg, progress
+    )
+    meta = shards.write_shard(path, payloads, image_sizes, source=plans[split][s])
     written_bytes += meta["size_bytes"]
     written += 1
     if cfg.debug_shard_delay_s:
       time.sleep(cfg.debug_shard_delay_s)
   seconds = time.time() - t0
-  splits = _split_entries(cfg, plans, {split: len(src) for split, src in sources.items()})
+  splits = _split_entries(cfg, plans, sizes)
   available = next(iter(sources.values())).available_splits
   # The source's splits: a 'validation' missing here was not built (--num_validation=0).
   source = {"name": cfg.source, "tfds_dir": tfds_dir, "seed": cfg.seed, "splits": available}
@@ -659,22 +675,40 @@ def _encode_range(source, indices: range, vocab, encoder, cfg: PrecomputeConfig,
       pairs.extend(source.pairs(i))
     except records.CorruptRecordError as e:
       logger.warning("skipping corrupt source record %d of %s: %s", i, source.split, e)
+  tokens = vocabulary.tokenize(vocab, [c for _, c, _ in pairs], cfg.max_length)
+  rows = [
+    (key, text, image, image_size(image), tokens[j]) for j, (key, text, image) in enumerate(pairs)
+  ]
+  return _encode_rows(rows, encoder, cfg, progress)
+
+
+def _encode_rows(
+  rows: Sequence[tuple[str, str, bytes, tuple[int, int], np.ndarray]],
+  encoder,
+  cfg: PrecomputeConfig,
+  progress,
+) -> tuple[list[bytes], list[tuple[int, int]]]:
+  """Encodes (key, caption, image bytes, (height, width), tokens) rows into shard records.
+
+  Returns:
+    (payloads, image sizes), in the rows' order.
+  """
   payloads, sizes = [], []
   batch = _encode_batch_size(cfg.batch_size)
-  for start in range(0, len(pairs), batch):
-    chunk = pairs[start : start + batch]
-    tokens = vocabulary.tokenize(vocab, [c for _, c, _ in chunk], cfg.max_length)
+  for start in range(0, len(rows), batch):
+    chunk = rows[start : start + batch]
     # A fixed batch shape: the last, short batch is padded so the encoder never recompiles.
     padded = np.zeros((batch, cfg.max_length), np.int32)
-    padded[: len(chunk)] = tokens
+    for j, row in enumerate(chunk):
+      tokens = row[4][: cfg.max_length]
+      padded[j, : len(tokens)] = tokens
     emb, mask = encoder.encode_tokens(padded)
     emb, mask = np.asarray(emb), np.asarray(mask)
-    for j, (key, text, image) in enumerate(chunk):
+    for j, (key, caption, image, (h, w), _) in enumerate(chunk):
       n = int(mask[j].sum())
-      h, w = image_size(image)
       sizes.append((h, w))
       payloads.append(
-        shards.make_record(key, text, image, h, w, tokens[j, :n], emb[j, :n].astype(np.float32))
+        shards.make_record(key, caption, image, h, w, padded[j, :n], emb[j, :n].astype(np.float32))
       )
     progress.update(len(chunk))
   return payloads, sizes
@@ -687,23 +721,27 @@ def _encode_batch_size(batch_size: int) -> int:
   return max(n, math.ceil(batch_size / n) * n)
 
 
-def _shard_records(out: str, names: list[str]) -> list[int | None]:
-  """Records per shard; None for a shard not (yet) complete, e.g. another process's."""
-  counts = []
+def _shard_metas(out: str, names: list[str]) -> list[dict[str, Any] | None]:
+  """Each shard's sidecar; None for a shard not (yet) complete, e.g. another process's."""
+  metas = []
   for name in names:
     try:
-      counts.append(int(shards.load_shard_meta(os.path.join(out, name))["num_records"]))
+      metas.append(shards.read_shard_meta(os.path.join(out, name)))
     except (FileNotFoundError, ValueError):
-      counts.append(None)
-  return counts
+      metas.append(None)
+  return metas
 
 
-def _split_entries(cfg, plans, num_source: dict[str, int]) -> dict[str, dict[str, Any]]:
-  """The manifest's per-split entries: shards and record counts (read from the sidecars)."""
+def _split_entries(
+  cfg, plans, num_source: dict[str, int], summed: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+  """The manifest's per-split entries: shards and record counts, and the sums over the shards
+  of the sidecars' {name: count} fields `summed` (each sidecar is read once for all of them)."""
   splits = {}
   for split, plan in plans.items():
     names = [shards.shard_name(split, s, len(plan)) for s in range(len(plan))]
-    counts = _shard_records(cfg.out, names)
+    metas = _shard_metas(cfg.out, names)
+    counts = [None if meta is None else int(meta["num_records"]) for meta in metas]
     splits[split] = {
       "num_source_examples": num_source[split],
       # None while another process is still writing some of the shards.
@@ -711,6 +749,7 @@ def _split_entries(cfg, plans, num_source: dict[str, int]) -> dict[str, dict[str
       "num_shards": len(plan),
       "shards": names,
       "shard_records": counts,
+      **{field: _sum_field(metas, field) for field in summed},
     }
   return splits
 
@@ -872,7 +911,7 @@ def _builtin_inputs(cfg: PrecomputeConfig):
   return tasks.BuiltinInputs(
     vocab=cfg.vocab,
     tfds_dir=tfds_dir,
-    shapes_splits=["train", "validation"] if cfg.num_validation > 0 else ["train"],
+    shapes_splits=cfg.shapes_splits,
     image_text_folder_splits=folder_splits,
     source_dir=cfg.source_dir,
     min_image_size=cfg.min_image_size,
@@ -893,11 +932,7 @@ def _check_builtin_input(cfg: PrecomputeConfig, name: str) -> None:
       context=" for imagen_shapes",
     )
   elif name == "imagen_image_text_folder":
-    if not cfg.source_dir or not os.path.isdir(cfg.source_dir):
-      _fail(
-        f"{name} needs a folder; --source_dir={cfg.source_dir!r} is not one",
-        "pass --source_dir=FOLDER (images + captions)",
-      )
+    _check_source_folder(name, cfg.source_dir)
   elif name == "imagen_webdataset":
     if not cfg.source_dir:
       _fail(f"{name} needs tar shards; no --source_dir given", "pass --source_dir=DIR or a glob")
@@ -909,11 +944,8 @@ def _check_builtin_input(cfg: PrecomputeConfig, name: str) -> None:
         "pass a directory or glob of webdataset .tar shards (key.jpg + key.txt [+ key.json])",
       )
   elif name == "imagen_coco_captions":
-    data_dir = cfg.tfds_data_dir or os.environ.get(
-      "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
-    )
     try:
-      records.find_tfds_dir(data_dir, "coco_captions")
+      records.find_tfds_dir(_tfds_data_dir(cfg), "coco_captions")
     except FileNotFoundError as e:
       _fail(f"{name}: {e}", "prepare coco_captions with TFDS, and pass its --tfds_data_dir")
 
@@ -1036,50 +1068,34 @@ def _encode_examples(examples, names, mixture, encoder, cfg, progress, skipped):
     (payloads, image sizes, {task name: records}); undecodable images are left out and counted
     in `skipped`.
   """
+  from imagen_jax.data import webdataset
+
   rows = []
+  counts = {name: 0 for name in names}
   for ex in examples:
     try:
       size = image_size(ex["image"])
     except Exception:  # PIL raises many kinds on bad bytes; the example is skipped either way
-      skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
+      reason = webdataset.UNDECODABLE_IMAGE
+      skipped[reason] = skipped.get(reason, 0) + 1
       logger.warning("precompute: skipping %s: undecodable image", ex["key"].decode())
       continue
     task = names[int(ex["task"])]
     key = ex["key"].decode("utf-8")
-    rows.append((f"{task}/{key}" if mixture else key, ex, size, task))
-  counts = {name: 0 for name in names}
-  payloads, sizes = [], []
-  batch = _encode_batch_size(cfg.batch_size)
-  for start in range(0, len(rows), batch):
-    chunk = rows[start : start + batch]
-    # A fixed batch shape: the last, short batch is padded so the encoder never recompiles.
-    padded = np.zeros((batch, cfg.max_length), np.int32)
-    for j, (_, ex, _, _) in enumerate(chunk):
-      tokens = ex["text_tokens"][: cfg.max_length]
-      padded[j, : len(tokens)] = tokens
-    emb, mask = encoder.encode_tokens(padded)
-    emb, mask = np.asarray(emb), np.asarray(mask)
-    for j, (key, ex, (h, w), task) in enumerate(chunk):
-      n = int(mask[j].sum())
-      caption = ex["caption"].decode("utf-8")
-      sizes.append((h, w))
-      payloads.append(
-        shards.make_record(
-          key, caption, ex["image"], h, w, padded[j, :n], emb[j, :n].astype(np.float32)
-        )
-      )
-      counts[task] += 1
-    progress.update(len(chunk))
+    caption = ex["caption"].decode("utf-8")
+    rows.append(
+      (f"{task}/{key}" if mixture else key, caption, ex["image"], size, ex["text_tokens"])
+    )
+    counts[task] += 1
+  payloads, sizes = _encode_rows(rows, encoder, cfg, progress)
   return payloads, sizes, counts
 
 
-def _sum_sidecars(out: str, names: list[str], field: str) -> dict[str, int] | None:
+def _sum_field(metas: list[dict[str, Any] | None], field: str) -> dict[str, int] | None:
   """Sum over the shards' sidecars of a {name: count} field; None while a shard is missing."""
   total: dict[str, int] = {}
-  for name in names:
-    try:
-      meta = shards.load_shard_meta(os.path.join(out, name))
-    except (FileNotFoundError, ValueError):
+  for meta in metas:
+    if meta is None:
       return None
     for k, v in (meta.get(field) or {}).items():
       total[k] = total.get(k, 0) + int(v)
@@ -1091,13 +1107,11 @@ def _task_manifest(cfg, provider, tasks_read, lengths, plans, encoder, vocab_sha
 
   from imagen_jax.data import tasks
 
-  splits = _split_entries(cfg, plans, {split: n for split, (n, _) in lengths.items()})
+  # With sums of the shards' sidecars (None while another process is still writing some).
+  num_source = {split: n for split, (n, _) in lengths.items()}
+  splits = _split_entries(cfg, plans, num_source, summed=("task_records", "skipped"))
   for split, entry in splits.items():
-    names = entry["shards"]
     entry["stream_exhausted"] = lengths[split][1]
-    # Sums of the shards' sidecars (None while another process is still writing some).
-    entry["task_records"] = _sum_sidecars(cfg.out, names, "task_records")
-    entry["skipped"] = _sum_sidecars(cfg.out, names, "skipped")
   is_mixture = isinstance(provider, seqio.Mixture)
   source = {
     "name": provider.name,

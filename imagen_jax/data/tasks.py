@@ -250,14 +250,8 @@ def stream(provider, split: str, max_length: int, seed: int):
   tasks = leaf_tasks(provider, split)
   datasets = []
   for i, task in enumerate(tasks):
-    ds = task.get_dataset(
-      sequence_length={TEXT_FEATURE: max_length},
-      split=split,
-      shuffle=False,
-      seed=seed,
-      num_epochs=1,
-      use_cached=False,
-    )
+    # One unshuffled epoch (seqio's default num_epochs=1).
+    ds = get_task_dataset(task, split, max_length, shuffle=False, seed=seed)
     missing = [k for k in ("caption", TEXT_FEATURE, "image") if k not in ds.element_spec]
     if missing:
       raise ValueError(

@@ -31,7 +31,6 @@ UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_CAPTION = "missing_caption"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_TAR = "unreadable_tar"
-SKIP_REASONS = (UNDECODABLE_IMAGE, MISSING_CAPTION, MISSING_IMAGE, UNREADABLE_TAR)
 
 
 def list_tars(pattern: str) -> list[str]:

@@ -11,7 +11,6 @@ score a Hugging Face CLIP folder (`--clip=DIR`). Inputs are checked before the n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -103,9 +102,13 @@ def run(args: argparse.Namespace) -> int:
   return run_reference(args)
 
 
-def _check_common(args: argparse.Namespace) -> None:
+def _check_batch_size(args: argparse.Namespace) -> None:
   if args.batch_size < 1:
     raise errors.UserError(f"--batch_size={args.batch_size} must be at least 1")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+  _check_batch_size(args)
   if not os.path.isfile(args.inception):
     raise errors.UserError(
       f"--inception={args.inception!r} is not a file: pass pytorch-fid's "
@@ -121,6 +124,7 @@ def _check_out_dir(path: str) -> None:
 
 def run_fid(args: argparse.Namespace) -> int:
   """`eval fid`: prints FID and writes the optional JSON report."""
+  from imagen_jax import images
   from imagen_jax.evaluation import fid, inception
 
   _check_common(args)
@@ -178,8 +182,7 @@ def run_fid(args: argparse.Namespace) -> int:
       "matrix_sqrt": args.matrix_sqrt,
       "warnings": list(dict.fromkeys(notes)),
     }
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
+    images.write_json(args.out, report)
   return 0
 
 
@@ -199,22 +202,22 @@ def run_reference(args: argparse.Namespace) -> int:
 
 def run_clip(args: argparse.Namespace) -> int:
   """`eval clip`: prints the mean CLIP score and writes the optional JSON report."""
+  from imagen_jax import images
   from imagen_jax.evaluation import clip, clip_model, clip_tokenizer
 
-  if args.batch_size < 1:
-    raise errors.UserError(f"--batch_size={args.batch_size} must be at least 1")
+  _check_batch_size(args)
   pairs = clip.indexed_prompts(args.images, "--images")
   if not os.path.isdir(args.clip):
     raise errors.UserError(
       f"--clip={args.clip!r} is not a directory: pass {clip_model.WHERE_TO_GET}"
     )
-  clip_model.read_config(args.clip)
-  clip_model.weight_files(args.clip)
+  config = clip_model.read_config(args.clip)
+  files = clip_model.weight_files(args.clip)
   tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(args.clip)
   if args.out:
     _check_out_dir(args.out)
 
-  model, variables = clip_model.load(args.clip)
+  model, variables = clip_model.load(args.clip, config, files)
   scorer = clip.Scorer(model, variables, tokenizer, args.batch_size)
   cosines = clip.cosine_pairs(pairs, scorer)
   scores = clip.from_cosine(cosines)
@@ -241,6 +244,5 @@ def run_clip(args: argparse.Namespace) -> int:
         for (p, t), s, c in zip(pairs, scores, cosines, strict=True)
       ],
     }
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
+    images.write_json(args.out, report)
   return 0

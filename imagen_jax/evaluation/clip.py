@@ -100,24 +100,13 @@ class Scorer:
     self._image = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
     self._text = jax.jit(lambda v, ids: model.apply(v, ids, method="encode_text"))
 
-  @classmethod
-  def from_directory(cls, directory: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Scorer:
-    """From a HF CLIP folder: config.json, model.safetensors, vocab.json, merges.txt."""
-    from imagen_jax.evaluation import clip_model, clip_tokenizer
-
-    tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(directory)
-    model, variables = clip_model.load(directory)
-    return cls(model, variables, tokenizer, batch_size)
-
-  def _padded(self, fn: Callable, rows: np.ndarray):
+  def _padded(self, fn: Callable, rows: np.ndarray) -> np.ndarray:
     import jax
 
-    n = rows.shape[0]
-    if n > self.batch_size:
-      raise ValueError(f"batch of {n} exceeds batch_size={self.batch_size}")
-    batch = np.zeros((self.batch_size, *rows.shape[1:]), rows.dtype)
-    batch[:n] = rows
-    return np.asarray(fn(self.variables, jax.device_put(batch, self._batch)))[:n]
+    from imagen_jax.evaluation import fid
+
+    batch = jax.device_put(fid.pad_batch(rows, self.batch_size), self._batch)
+    return np.asarray(fn(self.variables, batch))[: rows.shape[0]]
 
   def image_embeddings(self, pixels: np.ndarray) -> np.ndarray:
     """Preprocessed pixels [B, S, S, 3] -> unnormalised embeddings [B, D]."""
@@ -171,19 +160,9 @@ def cosine_pairs(
   """Per-image cosines of (path, prompt) pairs, batch by batch (tqdm bar when `progress`)."""
   from imagen_jax.evaluation import fid
 
-  bar = None
-  if progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(pairs), desc="clip score", unit="img", dynamic_ncols=True)
-  out = []
-  try:
-    for start in range(0, len(pairs), scorer.batch_size):
-      chunk = pairs[start : start + scorer.batch_size]
-      out.append(scorer([fid.read_image(p) for p, _ in chunk], [t for _, t in chunk]))
-      if bar is not None:
-        bar.update(len(chunk))
-  finally:
-    if bar is not None:
-      bar.close()
+  paths = [p for p, _ in pairs]
+  out, start = [], 0
+  for images in fid.read_batches(paths, scorer.batch_size, "clip score", progress):
+    out.append(scorer(images, [t for _, t in pairs[start : start + len(images)]]))
+    start += len(images)
   return np.concatenate(out)

@@ -89,22 +89,8 @@ class CLIPConfig:
     text = config.get("text_config") or {}
     vision = config.get("vision_config") or {}
     return cls(
-      text=TowerConfig(
-        hidden_size=int(text.get("hidden_size", 512)),
-        intermediate_size=int(text.get("intermediate_size", 2048)),
-        num_layers=int(text.get("num_hidden_layers", 12)),
-        num_heads=int(text.get("num_attention_heads", 8)),
-        hidden_act=str(text.get("hidden_act", "quick_gelu")),
-        layer_norm_eps=float(text.get("layer_norm_eps", 1e-5)),
-      ),
-      vision=TowerConfig(
-        hidden_size=int(vision.get("hidden_size", 768)),
-        intermediate_size=int(vision.get("intermediate_size", 3072)),
-        num_layers=int(vision.get("num_hidden_layers", 12)),
-        num_heads=int(vision.get("num_attention_heads", 12)),
-        hidden_act=str(vision.get("hidden_act", "quick_gelu")),
-        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
-      ),
+      text=_tower_from_hf(text, hidden_size=512, intermediate_size=2048, num_heads=8),
+      vision=_tower_from_hf(vision, hidden_size=768, intermediate_size=3072, num_heads=12),
       projection_dim=int(config.get("projection_dim", 512)),
       vocab_size=int(text.get("vocab_size", 49408)),
       max_positions=int(text.get("max_position_embeddings", 77)),
@@ -113,6 +99,20 @@ class CLIPConfig:
       patch_size=int(vision.get("patch_size", 32)),
       num_channels=int(vision.get("num_channels", 3)),
     )
+
+
+def _tower_from_hf(
+  config: Mapping[str, Any], hidden_size: int, intermediate_size: int, num_heads: int
+) -> TowerConfig:
+  """A tower of a config.json's text_config / vision_config; the sizes are HF's defaults."""
+  return TowerConfig(
+    hidden_size=int(config.get("hidden_size", hidden_size)),
+    intermediate_size=int(config.get("intermediate_size", intermediate_size)),
+    num_layers=int(config.get("num_hidden_layers", 12)),
+    num_heads=int(config.get("num_attention_heads", num_heads)),
+    hidden_act=str(config.get("hidden_act", "quick_gelu")),
+    layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+  )
 
 
 PRECISION = jax.lax.Precision.HIGHEST
@@ -413,10 +413,16 @@ def read_state_dict(files: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def load(directory: str) -> tuple[CLIP, dict]:
-  """The model and its variables from a Hugging Face CLIP folder."""
-  config = read_config(directory)
-  files = weight_files(directory)
+def load(
+  directory: str, config: CLIPConfig | None = None, files: list[str] | None = None
+) -> tuple[CLIP, dict]:
+  """The model and its variables from a Hugging Face CLIP folder.
+
+  `config` and `files` are `read_config` / `weight_files` of the folder when the caller has
+  already checked them (the CLI does, before the weights load); otherwise they are read here.
+  """
+  config = read_config(directory) if config is None else config
+  files = weight_files(directory) if files is None else files
   state_dict = read_state_dict(files)
   source = files[0] if len(files) == 1 else os.path.join(directory, WEIGHTS_INDEX)
   return CLIP(config), variables_from_state_dict(state_dict, config, source=source)

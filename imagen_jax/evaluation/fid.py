@@ -162,12 +162,14 @@ def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int | None = None) -> None:
-  """Writes pytorch-fid's `.npz` layout (mu, sigma) plus the image count."""
+  """Writes pytorch-fid's `.npz` layout (mu, sigma) plus the image count, whole or not at all."""
+  from imagen_jax import images
+
   extra = {} if num_images is None else {"num_images": np.int64(num_images)}
-  tmp = f"{path}.tmp.{os.getpid()}.npz"  # np.savez appends .npz to names without it
-  # Uncompressed: float64 covariances barely compress, and compressing 32 MB takes seconds.
-  np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma), **extra)
-  os.replace(tmp, path)
+  # Uncompressed: float64 covariances barely compress, and compressing 32 MB takes seconds. A
+  # file object, because np.savez appends .npz to a temporary name without it.
+  with images._atomic_local_file(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, mu=np.asarray(mu), sigma=np.asarray(sigma), **extra)
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -225,13 +227,53 @@ def list_images(directory: str, flag: str = "--images") -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
   """uint8 RGB [H, W, 3]; grey, palette and alpha images are converted like pytorch-fid."""
-  from PIL import Image
+  from imagen_jax import images
 
   try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), np.uint8)
+    return images.load_png(path)  # any format PIL opens, despite the name
   except OSError as e:
     raise errors.UserError(f"{path}: not a readable image ({e}): remove or replace it") from e
+
+
+def read_batches(
+  files: Sequence[str], batch_size: int, desc: str, progress: bool = True
+) -> Iterator[list[np.ndarray]]:
+  """Decoded images in chunks of `batch_size`, the next chunk decoding while one is consumed.
+
+  A tqdm bar (rate and ETA) counts a chunk once the consumer asks for the next one.
+  """
+
+  def decode(chunk: Sequence[str]) -> list[np.ndarray]:
+    return [read_image(p) for p in chunk]
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True)
+  chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+      pending = pool.submit(decode, chunks[0]) if chunks else None
+      for i in range(len(chunks)):
+        images = pending.result()
+        pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+        yield images
+        if bar is not None:
+          bar.update(len(images))
+  finally:
+    if bar is not None:
+      bar.close()
+
+
+def pad_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
+  """`rows` [B, ...] (B <= batch_size) zero-padded to [batch_size, ...]: one compiled shape."""
+  n = rows.shape[0]
+  if n > batch_size:
+    raise ValueError(f"batch of {n} exceeds batch_size={batch_size}")
+  batch = np.zeros((batch_size, *rows.shape[1:]), rows.dtype)
+  batch[:n] = rows
+  return batch
 
 
 class FeatureExtractor:
@@ -259,12 +301,8 @@ class FeatureExtractor:
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, 3] (B <= batch_size) -> float32 features [B, 2048]."""
     images = np.asarray(images)
-    n = images.shape[0]
-    if n > self.batch_size:
-      raise ValueError(f"batch of {n} images exceeds batch_size={self.batch_size}")
-    batch = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
-    batch[:n] = images.astype(np.float32) / 255.0  # pytorch-fid's ToTensor scaling
-    return np.asarray(self._apply(self.variables, batch))[:n]
+    batch = pad_batch(images.astype(np.float32) / 255.0, self.batch_size)  # ToTensor's scaling
+    return np.asarray(self._apply(self.variables, batch))[: images.shape[0]]
 
 
 _JITTED: dict = {}
@@ -280,24 +318,13 @@ def _jitted_apply(model) -> Callable:
   return _JITTED[model]
 
 
-def _batches(files: Sequence[str], batch_size: int) -> Iterator[list[np.ndarray]]:
-  """Decoded images in batches of one size, the next chunk decoding while one is consumed."""
-
-  def decode(chunk: Sequence[str]) -> list[np.ndarray]:
-    return [read_image(p) for p in chunk]
-
-  chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    pending = pool.submit(decode, chunks[0]) if chunks else None
-    for i in range(len(chunks)):
-      images = pending.result()
-      pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-      # A batch holds one image size; a size change splits it.
-      start = 0
-      for j in range(1, len(images) + 1):
-        if j == len(images) or images[j].shape != images[start].shape:
-          yield images[start:j]
-          start = j
+def _same_shape_runs(images: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+  """Consecutive runs of one image size: a batch holds one size, so a size change splits it."""
+  start = 0
+  for j in range(1, len(images) + 1):
+    if j == len(images) or images[j].shape != images[start].shape:
+      yield images[start:j]
+      start = j
 
 
 def directory_stats(
@@ -310,19 +337,9 @@ def directory_stats(
   from imagen_jax.evaluation import inception
 
   stats = FeatureStats(inception.FEATURE_DIM)
-  bar = None
-  if progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True)
-  try:
-    for images in _batches(files, extractor.batch_size):
+  for chunk in read_batches(files, extractor.batch_size, desc, progress):
+    for images in _same_shape_runs(chunk):
       stats.update(extractor(np.stack(images)))
-      if bar is not None:
-        bar.update(len(images))
-  finally:
-    if bar is not None:
-      bar.close()
   return stats
 
 

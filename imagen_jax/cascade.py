@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from imagen_jax import parallel
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import thresholding as thresholding_lib
 from imagen_jax.stage import Stage, StageConfig
@@ -474,10 +475,6 @@ def check_chain(stages: Sequence[CascadeStage]) -> None:
     )
 
 
-# The one mesh axis sampling splits a batch over.
-BATCH_AXIS = "batch"
-
-
 class Cascade:
   """A text encoder and a chain of stages.
 
@@ -504,21 +501,15 @@ class Cascade:
       raise ValueError(
         f"text encoder width {encoder.width} != the stages' text_dim {self.stages[0].text_dim}"
       )
-    self.devices = list(jax.local_devices() if devices is None else devices)
-    mesh = jax.sharding.Mesh(np.array(self.devices), (BATCH_AXIS,))
-    self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
-    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._split = parallel.BatchSplit(devices)
+    self.devices = self._split.devices
     self._placed_params: dict[int, Any] = {}
 
   def _params_on_devices(self, index: int) -> Any:
     """Stage `index`'s params replicated on every sampling device (placed once)."""
     if index not in self._placed_params:
-      self._placed_params[index] = jax.device_put(self.stages[index].params, self._replicated)
+      self._placed_params[index] = self._split.replicate(self.stages[index].params)
     return self._placed_params[index]
-
-  def _batch_on_devices(self, arrays: Sequence[np.ndarray | None]) -> list[Any]:
-    """Host arrays with a leading batch dim, split over the sampling devices."""
-    return [None if a is None else jax.device_put(a, self._batch_sharding) for a in arrays]
 
   # --- constructors -------------------------------------------------------------------------
 
@@ -608,7 +599,7 @@ class Cascade:
       if lowres.shape[0] != n or lowres.ndim != 4 or lowres.shape[-1] != 3:
         raise ValueError(f"lowres must be [{n}, h, w, 3] (or [1, h, w, 3]), got {lowres.shape}")
     # A multiple of the device count, so every device gets an equal share of each call.
-    batch_size = -(-(batch_size or n) // len(self.devices)) * len(self.devices)
+    batch_size = self._split.round_up(batch_size or n)
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
 
     current, per_stage, seconds = lowres, [], []
@@ -628,8 +619,9 @@ class Cascade:
         # last image), so one compiled program serves every call, including a caller's last,
         # smaller batch.
         pad_idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-        args = self._batch_on_devices(
-          (
+        args = [
+          self._split.split(a)
+          for a in (
             text_emb[pad_idx],
             text_mask[pad_idx],
             uncond_emb[pad_idx],
@@ -637,7 +629,7 @@ class Cascade:
             stage_keys[pad_idx],
             None if current is None else current[pad_idx],
           )
-        )
+        ]
         out = np.asarray(jax.device_get(program(self._params_on_devices(k), *args)), np.float32)
         outs.append(out[: len(idx)])
         if bar is not None:

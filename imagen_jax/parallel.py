@@ -239,6 +239,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+class BatchSplit:
+  """Inference on every local device: a batch split over them along one 'batch' axis, the
+  params replicated on each (sampling and evaluation; training uses the logical-axis mesh)."""
+
+  AXIS = "batch"
+
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    mesh = Mesh(np.array(self.devices), (self.AXIS,))
+    self._split = NamedSharding(mesh, PartitionSpec(self.AXIS))
+    self._replicated = replicated(mesh)
+
+  def round_up(self, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the device count (an equal share each)."""
+    n = len(self.devices)
+    return -(-batch_size // n) * n
+
+  def replicate(self, tree: Any) -> Any:
+    """`tree` (e.g. params) copied onto every device."""
+    return jax.device_put(tree, self._replicated)
+
+  def split(self, array: Any) -> Any:
+    """A host array with a leading batch dim (divisible by the device count), split over the
+    devices; None stays None."""
+    return None if array is None else jax.device_put(array, self._split)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   """How many ways the batch is split."""
   return int(mesh.shape["data"] * mesh.shape["fsdp"])

@@ -87,25 +87,22 @@ class Scorer:
     devices: Sequence | None = None,
   ):
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from imagen_jax import parallel
 
     self.model, self.tokenizer = model, tokenizer
     self.size = model.config.image_size
-    self.devices = list(jax.local_devices() if devices is None else devices)
-    n = len(self.devices)
-    self.batch_size = -(-batch_size // n) * n
-    mesh = Mesh(np.array(self.devices), ("batch",))
-    self._batch = NamedSharding(mesh, PartitionSpec("batch"))
-    self.variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    self._split = parallel.BatchSplit(devices)
+    self.devices = self._split.devices
+    self.batch_size = self._split.round_up(batch_size)
+    self.variables = self._split.replicate(variables)
     self._image = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
     self._text = jax.jit(lambda v, ids: model.apply(v, ids, method="encode_text"))
 
   def _padded(self, fn: Callable, rows: np.ndarray) -> np.ndarray:
-    import jax
-
     from imagen_jax.evaluation import fid
 
-    batch = jax.device_put(fid.pad_batch(rows, self.batch_size), self._batch)
+    batch = self._split.split(fid.pad_batch(rows, self.batch_size))
     return np.asarray(fn(self.variables, batch))[: rows.shape[0]]
 
   def image_embeddings(self, pixels: np.ndarray) -> np.ndarray:

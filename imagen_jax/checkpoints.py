@@ -219,13 +219,13 @@ class Checkpointer:
     """Renames unloadable steps to `corrupt.<step>` (kept for inspection, never deleted)."""
     from etils import epath
 
+    root = epath.Path(self.directory)
     if jax.process_index() == 0:
       for step in steps:
-        src = epath.Path(self.directory) / str(step)
-        dst = epath.Path(self.directory) / f"{CORRUPT_PREFIX}{step}"
+        src, dst = root / str(step), root / f"{CORRUPT_PREFIX}{step}"
         n = 1
         while dst.exists():
-          dst = epath.Path(self.directory) / f"{CORRUPT_PREFIX}{step}.{n}"
+          dst = root / f"{CORRUPT_PREFIX}{step}.{n}"
           n += 1
         try:
           src.rename(dst)

@@ -152,17 +152,12 @@ def _writer_alive(pid: int, host: str) -> bool:
   return True
 
 
-def remove_stale_temp_dirs(out_dir: str) -> list[str]:
-  """Removes temporary bundles of `out_dir` whose writer (same host) is no longer running.
-
-  Returns:
-    The removed directories.
-  """
+def remove_stale_temp_dirs(out_dir: str) -> None:
+  """Removes temporary bundles of `out_dir` whose writer (same host) is no longer running."""
   parent = os.path.dirname(os.path.abspath(out_dir))
   prefix = _temp_prefix(out_dir)
   if not os.path.isdir(parent):
-    return []
-  removed = []
+    return
   for name in sorted(os.listdir(parent)):
     if not name.startswith(prefix):
       continue
@@ -173,8 +168,6 @@ def remove_stale_temp_dirs(out_dir: str) -> list[str]:
     path = os.path.join(parent, name)
     shutil.rmtree(path, ignore_errors=True)
     log.warning("removed %s, left by export process %s on %s (no longer running)", path, pid, host)
-    removed.append(path)
-  return removed
 
 
 def stage_dir_name(index: int, stage: cascade.CascadeStage) -> str:

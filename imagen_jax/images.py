@@ -143,11 +143,10 @@ class ImageIndex:
     image: np.ndarray,
     entry: dict[str, Any],
     stage_images: dict[str, np.ndarray] | None = None,
-  ) -> dict[str, Any]:
+  ) -> None:
     """Writes image `number` (and `stage_images`, {stage name: uint8 HWC}) and lists it.
 
-    Returns:
-      Its entry: {"file": ..., **entry, "stage_files": {name: file}} (stage_files if given).
+    Its entry is {"file": ..., **entry, "stage_files": {name: file}} (stage_files if given).
     """
     entry = {"file": image_file(number), **entry}
     save_png(image, os.path.join(self.directory, entry["file"]))
@@ -157,7 +156,6 @@ class ImageIndex:
         entry["stage_files"][name] = image_file(number, f"_{name}")
         save_png(stage_image, os.path.join(self.directory, entry["stage_files"][name]))
     self.entries[number] = entry
-    return entry
 
   def write(self, force: bool = True) -> bool:
     """Rewrites index.json (atomically) with the header and every listed image, in order.

@@ -17,9 +17,12 @@ import argparse
 import hashlib
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagen_jax import errors
+
+if TYPE_CHECKING:  # at run time images (numpy, PIL) is imported where used: flags parse fast
+  from imagen_jax import images
 
 _KNOBS = {
   # flag: (StageSampling field, type, default, help)
@@ -155,6 +158,10 @@ def _check_counts(args: argparse.Namespace, total: int) -> None:
     ) from e
 
 
+def _stage_dirs(args: argparse.Namespace) -> list[str]:
+  return [d.strip() for d in args.stage_dirs.split(",") if d.strip()]
+
+
 def model_source(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
   """(the source index.json records, its number of stages), checked without loading weights."""
   if args.bundle:
@@ -165,7 +172,7 @@ def model_source(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     except (OSError, ValueError) as e:
       raise errors.UserError(f"--bundle={args.bundle}: {errors.one_line(e)}") from e
     return {"bundle": os.path.abspath(args.bundle)}, len(manifest["stages"])
-  dirs = [d.strip() for d in args.stage_dirs.split(",") if d.strip()]
+  dirs = _stage_dirs(args)
   if not dirs:
     raise errors.UserError("--stage_dirs is empty: give training MODEL_DIRs, base stage first")
   for d in dirs:
@@ -290,9 +297,8 @@ def _load_model(args: argparse.Namespace, source: dict[str, Any]):
     from imagen_jax import export
 
     return export.load_bundle(args.bundle, t5_checkpoint=args.t5_checkpoint)
-  dirs = [d.strip() for d in args.stage_dirs.split(",") if d.strip()]
   return cascade.Cascade.from_stage_dirs(
-    dirs, vocab_path=args.vocab, t5_checkpoint=args.t5_checkpoint, t5_size=args.t5_size
+    _stage_dirs(args), vocab_path=args.vocab, t5_checkpoint=args.t5_checkpoint, t5_size=args.t5_size
   )
 
 
@@ -315,7 +321,7 @@ def _sample_batches(
   lowres: Any,
   batches: list[range],
   batch_size: int,
-  index: Any,
+  index: images.ImageIndex,
 ) -> int:
   """Samples `batches` (ranges of image numbers) into `index`; returns the new images' count.
 

@@ -63,7 +63,7 @@ def validate_config(
   errors.check_writable_dir(model_dir, "MODEL_DIR")
 
 
-def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int, network: Any = None) -> None:
+def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int, network: Any) -> None:
   """The data's text length and width must be the ones the network is built for."""
   emb_shape = shapes["text_emb"][0]
   length, width = int(emb_shape[-2]), int(emb_shape[-1])
@@ -76,7 +76,7 @@ def _check_batch_shapes(shapes: dict, max_length: int, text_dim: int, network: A
     fixes.append(f"--gin.train.train.max_length={length}")
   if width != text_dim:
     fixes.append(f"--gin.train.train.text_dim={width}")
-    if network is not None and hasattr(network, "text_dim"):
+    if hasattr(network, "text_dim"):
       module = type(network).__module__.rsplit(".", 1)[-1]
       fixes.append(f"--gin.{module}.{type(network).__name__}.text_dim={width}")
   raise errors.UserError(
@@ -398,6 +398,8 @@ class _JsonLines:
 
     import tensorflow as tf
 
+    from imagen_jax.data import shards  # its temp-then-rename writer serves gs:// too
+
     if not tf.io.gfile.exists(self.path):
       return 0
     with tf.io.gfile.GFile(self.path) as f:
@@ -412,10 +414,7 @@ class _JsonLines:
         kept.append(line)
     if len(kept) == len(lines):
       return 0
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write("".join(kept))
-    tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    shards.atomic_write_text(self.path, "".join(kept))
     log.info(
       "%s: dropped %d records past step %d (redone now)", self.path, len(lines) - len(kept), step
     )

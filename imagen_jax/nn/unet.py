@@ -9,100 +9,49 @@ embedding.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from imagen_jax.nn import layers
-
-Dtype = Any
+from imagen_jax.nn import base, layers
 
 
-class UNet(nn.Module):
+class UNet(base.TextConditionedUNet):
   """ADM-style text-conditioned U-Net; base 64x64 model of the cascade.
 
-  Attributes:
-    image_size: training resolution (attention_resolutions refer to it).
-    in_channels: channels of x (3 for RGB).
-    out_channels: channels of the prediction.
-    channels: base width (paper: 512).
+  Attributes (besides `base.TextConditionedUNet`'s; `channels` is the base width, paper: 512):
     channel_mult: width multiplier per resolution level (paper: (1, 2, 3, 4)).
     num_res_blocks: residual blocks per level (paper: 3).
     attention_resolutions: resolutions with attention (paper: (32, 16, 8)).
     text_attention: extend those attention layers' K/V with the text sequence.
     head_dim: channels per attention head (paper: 64).
-    emb_dim: noise-level embedding width (default 4 * channels).
-    cond_dim: width the text sequence is projected to (default emb_dim).
-    text_dim: width of the incoming text embeddings (T5-XXL: 4096).
-    dropout: residual-block dropout rate (rng name 'dropout').
     resblock_updown: resample with residual blocks (BigGAN) rather than plain convs.
-    norm_groups: GroupNorm groups (fewer for tiny widths).
-    lowres_factor: None for a base model; an integer to condition on a low-res image.
-    resize_method: `jax.image.resize` method for the low-res image.
-    dtype: compute dtype.
-    param_dtype: parameter dtype.
-    remat: rematerialise each block in the backward pass.
-    remat_policy: name of the `jax.checkpoint_policies` policy used with remat.
   """
 
   image_size: int = 64
-  in_channels: int = 3
-  out_channels: int = 3
   channels: int = 512
   channel_mult: tuple[int, ...] = (1, 2, 3, 4)
   num_res_blocks: int = 3
   attention_resolutions: tuple[int, ...] = (32, 16, 8)
   text_attention: bool = True
   head_dim: int = 64
-  emb_dim: int | None = None
-  cond_dim: int | None = None
-  text_dim: int = 4096
-  dropout: float = 0.0
   resblock_updown: bool = True
-  norm_groups: int = 32
-  lowres_factor: int | None = None
-  resize_method: str = "bicubic"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-
-  def __post_init__(self):
-    self.validate_config()
-    super().__post_init__()
-
-  @property
-  def is_super_resolution(self) -> bool:
-    """Whether the network is conditioned on a low-res image."""
-    return self.lowres_factor is not None
-
-  @property
-  def lowres_size(self) -> int | None:
-    """Training resolution of the low-res conditioning image (None for a base model)."""
-    return None if self.lowres_factor is None else self.image_size // self.lowres_factor
 
   @property
   def downsampling_layout(self) -> str:
     """The config fields that set `total_downsampling`, as error messages quote them."""
-    return f"channel_mult={self.channel_mult}"
+    return f"2**(len(channel_mult)-1), channel_mult={self.channel_mult}"
 
   @property
   def total_downsampling(self) -> int:
     """Factor between the input resolution and the lowest level's resolution."""
     return 2 ** (len(self.channel_mult) - 1)
 
-  def validate_config(self) -> None:
-    """Raises ValueError naming the config value that cannot work."""
+  def validate_layout(self) -> None:
+    """Raises ValueError naming the level, attention or width value that cannot work."""
     name = type(self).__name__
     if not self.channel_mult:
       raise ValueError(f"{name}: channel_mult must list at least one level")
-    if self.image_size % self.total_downsampling:
-      raise ValueError(
-        f"{name}: image_size={self.image_size} must be divisible by the total downsampling "
-        f"{self.total_downsampling} (2**(len(channel_mult)-1), channel_mult={self.channel_mult})"
-      )
     levels = [self.image_size // 2**i for i in range(len(self.channel_mult))]
     bad = [r for r in self.attention_resolutions if r not in levels]
     if bad:
@@ -117,14 +66,6 @@ class UNet(nn.Module):
           f"{name}: width channels*mult={self.channels * m} must be divisible by "
           f"head_dim={self.head_dim}"
         )
-    if self.lowres_factor is not None and (
-      self.lowres_factor < 1 or self.image_size % self.lowres_factor
-    ):
-      raise ValueError(
-        f"{name}: lowres_factor={self.lowres_factor} must be a positive divisor of "
-        f"image_size={self.image_size}"
-      )
-    layers.remat_policy(self.remat_policy)
 
   @nn.compact
   def __call__(
@@ -151,25 +92,11 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, out_channels] float32 prediction.
     """
-    layers.validate_network_inputs(
-      self, x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr
+    emb, text, text_mask, h = self.condition(
+      x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr
     )
-
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    emb_dim = self.emb_dim or 4 * self.channels
-    cond_dim = self.cond_dim or emb_dim
-    emb, text, text_mask, h = layers.Conditioning(
-      self.channels,
-      emb_dim,
-      cond_dim,
-      self.lowres_factor,
-      self.resize_method,
-      name="conditioning",
-      **kw,
-    )(x, log_snr, text_emb, text_mask, lowres, lowres_aug_log_snr)
-
-    res_cls = layers.maybe_remat(layers.ResBlock, self.remat, self.remat_policy)
-    attn_cls = layers.maybe_remat(layers.SpatialAttention, self.remat, self.remat_policy)
+    kw = self._kw
+    res_cls, attn_cls = self.block_classes()
     attn_kind = "self_text" if self.text_attention else "self"
     # Attention resolutions are given at the training size; keep them as downsampling factors.
     attn_ds = {self.image_size // r for r in self.attention_resolutions}
@@ -190,7 +117,7 @@ class UNet(nn.Module):
       text_args = () if attn_kind == "self" else (text, text_mask)
       return attn_cls(attn_kind, heads, self.norm_groups, name=name, **kw)(h, *text_args)
 
-    h = layers.conv(self.channels, 3, in_axis="image_channels", name="conv_in", **kw)(h)
+    h = self.stem(h)
     hs = [h]
     ds = 1
     for level, mult in enumerate(self.channel_mult):
@@ -224,9 +151,4 @@ class UNet(nn.Module):
           h = layers.Resample(h.shape[-1], "up", name=f"up_{level}_resample", **kw)(h)
         ds //= 2
 
-    h = layers.GroupNorm(self.norm_groups, param_dtype=self.param_dtype, name="norm_out")(h)
-    h = nn.silu(h).astype(self.dtype)
-    out = layers.conv(
-      self.out_channels, 3, zero_init=True, out_axis="image_channels", name="conv_out", **kw
-    )(h)
-    return out.astype(jnp.float32)
+    return self.output_head(h)

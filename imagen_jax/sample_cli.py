@@ -44,12 +44,8 @@ _KNOBS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Flags of `imagen-jax sample`."""
+  add_source_flags(parser)
   a = parser.add_argument
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--bundle", default=None, help="an export bundle (imagen-jax export)")
-  src.add_argument(
-    "--stage_dirs", default=None, help="comma-separated training MODEL_DIRs, base stage first"
-  )
   a("--prompt", action="append", default=[], help="a prompt (repeatable); '' = unconditional")
   a("--prompts_file", default=None, help="a text file with one prompt per line")
   a(
@@ -57,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     required=True,
     help="output directory for PNGs and index.json; rerunning the same command continues there",
   )
+  add_sampling_flags(parser)
+
+
+def add_source_flags(parser: argparse.ArgumentParser) -> None:
+  """--bundle | --stage_dirs (also mounted by `imagen-jax eval coco`)."""
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--bundle", default=None, help="an export bundle (imagen-jax export)")
+  src.add_argument(
+    "--stage_dirs", default=None, help="comma-separated training MODEL_DIRs, base stage first"
+  )
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags after --out (also mounted by `imagen-jax eval coco`)."""
+  a = parser.add_argument
   a(
     "--overwrite",
     action="store_true",

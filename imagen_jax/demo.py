@@ -114,7 +114,7 @@ def precompute_shapes(
     source="shapes",
     out=data,
     vocab=vocab,
-    t5_checkpoint="none",
+    t5_checkpoint="random",
     t5_size="tiny",
     max_length=max_length,
     examples_per_shard=examples_per_shard,

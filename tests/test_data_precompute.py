@@ -44,7 +44,7 @@ def _cmd(out, spm, delay, num_validation=8):
     "--source=shapes",
     f"--out={out}",
     f"--vocab={spm}",
-    "--t5_checkpoint=none",
+    "--t5_checkpoint=random",
     "--t5_size=tiny",
     f"--max_length={LENGTH}",
     f"--examples_per_shard={PER_SHARD}",
@@ -191,6 +191,26 @@ def test_first_run_without_validation_is_quiet_and_keeps_its_vocabulary(tmp_path
   assert found == os.path.join(out, os.path.basename(spm))
   assert vocabulary.file_sha256(found) == vocabulary.file_sha256(spm)
   assert os.path.isfile(found[:-6] + ".vocab")
+
+
+def test_old_none_spelling_of_random_weights_still_works_and_resumes(tmp_path, spm, caplog):
+  """'random' is the one spelling (as in encode and sample); 'none' warns and means the same,
+  and a manifest an older version wrote with 'none' resumes under the new spelling."""
+  out = tmp_path / "out"
+  argv = _cmd(out, spm, delay=0, num_validation=0)[3:]
+  old = [a if a != "--t5_checkpoint=random" else "--t5_checkpoint=none" for a in argv]
+  with caplog.at_level(logging.WARNING):
+    assert cli.main(old) == 0
+  assert "--t5_checkpoint=none is deprecated; spell it --t5_checkpoint=random" in caplog.text
+  manifest_path = out / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())
+  assert manifest["flags"]["t5_checkpoint"] == "random"
+  manifest["flags"]["t5_checkpoint"] = "none"  # as the old version wrote it
+  manifest_path.write_text(json.dumps(manifest))
+  before = _snapshot(out)
+  assert before
+  assert cli.main(argv) == 0  # same flags: nothing to redo, no "other flags" refusal
+  assert _snapshot(out) == before  # no shard rewritten
 
 
 def test_rerun_rewrites_exactly_the_bad_shards(tmp_path, spm, caplog, capsys):

@@ -40,6 +40,14 @@ from imagen_jax.data import records, shards
 logger = logging.getLogger(__name__)
 
 BUILTIN_SOURCES = ("shapes", "image_text_folder")
+# --t5_checkpoint for random weights, as `encode` and `sample` spell it; 'none' is the old spelling.
+RANDOM_WEIGHTS = "random"
+_OLD_RANDOM_WEIGHTS = "none"
+
+
+def canonical_t5_checkpoint(value: str | None) -> str | None:
+  """The checkpoint flag with the old 'none' spelling of random weights read as 'random'."""
+  return RANDOM_WEIGHTS if value == _OLD_RANDOM_WEIGHTS else value
 
 
 @dataclasses.dataclass
@@ -59,7 +67,7 @@ class PrecomputeConfig:
   max_aspect_ratio: float = 0.0
   min_caption_length: int = 0
   max_caption_length: int = 0
-  t5_checkpoint: str = "none"
+  t5_checkpoint: str = RANDOM_WEIGHTS
   t5_size: str = "base"
   max_length: int = 128
   examples_per_shard: int = 1024
@@ -127,10 +135,10 @@ class PrecomputeConfig:
       _fail(f"--t5_size={self.t5_size!r} is not a T5 size", f"pass one of {', '.join(t5.SIZES)}")
     if not os.path.isfile(self.vocab):
       _fail(f"--vocab={self.vocab!r}: no such SentencePiece model file", "pass the .model file")
-    if self.t5_checkpoint != "none" and not os.path.exists(self.t5_checkpoint):
+    if self.t5_checkpoint != RANDOM_WEIGHTS and not os.path.exists(self.t5_checkpoint):
       _fail(
         f"--t5_checkpoint={self.t5_checkpoint!r} does not exist",
-        "pass a T5X / HF checkpoint, or 'none' for random weights",
+        f"pass a T5X / HF checkpoint, or {RANDOM_WEIGHTS!r} for random weights",
       )
     if not self.splits or len(set(self.splits)) != len(self.splits):
       _fail(f"--split={list(self.splits)}", "give each split once, at least one")
@@ -527,7 +535,7 @@ def shard_flags(cfg: PrecomputeConfig) -> dict[str, Any]:
     out = {name: getattr(cfg, name) for name in _TASK_SHARD_FLAGS}
     out["modules"] = list(cfg.modules)
     for name in ("source_dir", "t5_checkpoint"):
-      if out[name] not in (None, "none"):
+      if out[name] not in (None, RANDOM_WEIGHTS):
         out[name] = _abs(out[name])
     return out
   out = {}
@@ -535,7 +543,7 @@ def shard_flags(cfg: PrecomputeConfig) -> dict[str, Any]:
     value = getattr(cfg, name)
     if name in ("num_examples", "num_validation", "resolution", "seed") and cfg.source != "shapes":
       continue  # the shapes generator's flags
-    if name in ("source_dir", "t5_checkpoint") and value not in (None, "none"):
+    if name in ("source_dir", "t5_checkpoint") and value not in (None, RANDOM_WEIGHTS):
       value = _abs(value)
     out[name] = value
   return out
@@ -587,6 +595,8 @@ def _previous_manifest(cfg: PrecomputeConfig, vocab_sha: str) -> dict[str, Any] 
   had = previous.get("flags")
   if not isinstance(had, dict):
     return previous  # written before manifests recorded flags
+  if "t5_checkpoint" in had:  # manifests of the old spelling resume under the new one
+    had = {**had, "t5_checkpoint": canonical_t5_checkpoint(had["t5_checkpoint"])}
   now = shard_flags(cfg)
   diffs = [f"--{k}={had.get(k)!r} then, {now.get(k)!r} now" for k in now if had.get(k) != now[k]]
   if previous.get("vocab_sha256") not in (None, vocab_sha):
@@ -657,8 +667,8 @@ def _load_encoder(cfg: PrecomputeConfig):
   from imagen_jax import parallel
   from imagen_jax.text import encoder as text_encoder
 
-  # 'none' = random weights (demos, tests); the manifest's encoder identity records it.
-  checkpoint = None if cfg.t5_checkpoint == "none" else cfg.t5_checkpoint
+  # Random weights (demos, tests): the manifest's encoder identity records it.
+  checkpoint = None if cfg.t5_checkpoint == RANDOM_WEIGHTS else cfg.t5_checkpoint
   mesh = parallel.create_mesh(data=-1, devices=jax.local_devices())
   return text_encoder.load_text_encoder(
     checkpoint, cfg.vocab, size=cfg.t5_size, max_length=cfg.max_length, mesh=mesh
@@ -1194,8 +1204,8 @@ def add_arguments(parser) -> None:
   a("--vocab", required=True, help="SentencePiece .model of the T5 vocabulary")
   a(
     "--t5_checkpoint",
-    default="none",
-    help="T5 encoder checkpoint (T5X / HF); 'none' = random weights (demos, tests)",
+    default=RANDOM_WEIGHTS,
+    help=f"T5 encoder checkpoint (T5X / HF); {RANDOM_WEIGHTS!r} = random weights (demos, tests)",
   )
   a("--t5_size", default="base", help="T5 v1.1 size: tiny | small | base | large | xl | xxl")
   a("--max_length", type=int, default=128, help="text length in tokens (EOS included)")
@@ -1237,6 +1247,16 @@ def argparse_suppress():
   return argparse.SUPPRESS
 
 
+def _t5_checkpoint_flag(value: str) -> str:
+  if value == _OLD_RANDOM_WEIGHTS:
+    logger.warning(
+      "precompute: --t5_checkpoint=%s is deprecated; spell it --t5_checkpoint=%s",
+      _OLD_RANDOM_WEIGHTS,
+      RANDOM_WEIGHTS,
+    )
+  return canonical_t5_checkpoint(value)
+
+
 def run(args) -> int:
   """Runs `imagen-jax precompute`; prints throughput and size per example."""
   if args.process_index is None or args.process_count is None:
@@ -1255,7 +1275,7 @@ def run(args) -> int:
     max_caption_length=args.max_caption_length,
     out=args.out,
     vocab=args.vocab,
-    t5_checkpoint=args.t5_checkpoint,
+    t5_checkpoint=_t5_checkpoint_flag(args.t5_checkpoint),
     t5_size=args.t5_size,
     max_length=args.max_length,
     examples_per_shard=args.examples_per_shard,

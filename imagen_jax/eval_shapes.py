@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from imagen_jax import images
 from imagen_jax.data import shapes
 
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
@@ -203,38 +203,13 @@ def format_table(accuracy: dict[str, float], n: int, bars: dict[str, float] | No
 QUALITY_BAR = {"background": 0.95, "colour": 0.90, "shape": 0.75, "size": 0.80, "position": 0.70}
 
 
-def read_index(images_dir: str) -> list[dict[str, Any]]:
-  """The `images` records of DIR/index.json (file, prompt, ...), validated."""
-  path = os.path.join(images_dir, "index.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"--images={images_dir!r}: no index.json (write it with imagen-jax sample)"
-    )
-  with open(path) as f:
-    index = json.load(f)
-  entries = index.get("images") if isinstance(index, dict) else None
-  if not isinstance(entries, list) or not entries:
-    raise ValueError(f"{path}: must hold a non-empty 'images' list of {{file, prompt, ...}}")
-  for e in entries:
-    if "file" not in e or "prompt" not in e:
-      raise ValueError(f"{path}: every entry needs 'file' and 'prompt', got {e}")
-  return entries
-
-
 def evaluate_dir(images_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
   """Scores the images listed in DIR/index.json against their prompts."""
-  from PIL import Image
-
-  entries = read_index(images_dir)
-  prompts = [e["prompt"] for e in entries]
+  pairs = images.indexed_prompts(images_dir)
+  prompts = [p for _, p in pairs]
   for p in prompts:
     parse_caption(p)
-
-  def load(e):
-    with Image.open(os.path.join(images_dir, e["file"])) as im:
-      return np.asarray(im.convert("RGB"))
-
-  return score((load(e) for e in entries), prompts)
+  return score((images.load_png(path) for path, _ in pairs), prompts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagen_jax import errors
+
 INDEX_FILE = "index.json"
 
 
@@ -189,3 +191,33 @@ def read_index(directory: str) -> dict[str, Any] | None:
   if not isinstance(index, dict) or not isinstance(index.get("images", []), list):
     raise ValueError(f"{path} is not an image index (no 'images' list)")
   return index
+
+
+def indexed_prompts(directory: str, flag: str = "--images") -> list[tuple[str, str]]:
+  """(image path, prompt) for each entry of the folder's index.json, checked to exist."""
+  if not os.path.isdir(directory):
+    raise errors.UserError(f"{flag}={directory!r} is not a directory: pass a folder of images")
+  try:
+    index = read_index(directory)
+  except ValueError as e:
+    raise errors.UserError(f"{flag}: {e}") from e
+  where = os.path.join(directory, INDEX_FILE)
+  if index is None:
+    raise errors.UserError(
+      f"{where}: missing; the score needs each image's prompt: pass a folder written by "
+      '`imagen-jax sample` (or add index.json: {"images": [{"file": ..., "prompt": ...}]})'
+    )
+  pairs = []
+  for i, entry in enumerate(index.get("images", [])):
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+      raise errors.UserError(f"{where}: images[{i}] has no 'file' name")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str):
+      raise errors.UserError(f"{where}: images[{i}] ({entry['file']}) has no 'prompt' string")
+    path = os.path.join(directory, entry["file"])
+    if not os.path.isfile(path):
+      raise errors.UserError(f"{where}: images[{i}] names {entry['file']!r}, which is missing")
+    pairs.append((path, prompt))
+  if not pairs:
+    raise errors.UserError(f"{where}: lists no images")
+  return pairs

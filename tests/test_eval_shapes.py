@@ -95,5 +95,7 @@ def test_eval_cli_reads_index_and_prints_table(tmp_path, capsys):
 def test_eval_cli_bad_input(tmp_path, capsys):
   cli_helpers.user_error(capsys, ["eval", "shapes", f"--images={tmp_path}"], "index.json")
   (tmp_path / "index.json").write_text(json.dumps({"images": [{"file": "a.png"}]}))
-  cli_helpers.user_error(capsys, ["eval", "shapes", f"--images={tmp_path}"], "'file' and 'prompt'")
+  cli_helpers.user_error(
+    capsys, ["eval", "shapes", f"--images={tmp_path}"], r"images\[0\] \(a.png\) has no 'prompt'"
+  )
   assert os.path.exists(tmp_path / "index.json")

@@ -13,12 +13,12 @@ The networks (`clip_model`) read a Hugging Face CLIP folder the user brings.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from imagen_jax import errors
+# The (image path, prompt) pairs of a folder written by `imagen-jax sample`.
+from imagen_jax.images import indexed_prompts as indexed_prompts
 
 # OpenAI's normalisation constants (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -117,38 +117,6 @@ class Scorer:
     """Cosines of uint8 images with their prompts, [B] (`score` maps them to CLIP scores)."""
     pixels = np.stack([preprocess(im, self.size) for im in images])
     return cosine(self.image_embeddings(pixels), self.text_embeddings(prompts))
-
-
-def indexed_prompts(directory: str, flag: str = "--images") -> list[tuple[str, str]]:
-  """(image path, prompt) for each entry of the folder's index.json, checked to exist."""
-  from imagen_jax import images
-
-  if not os.path.isdir(directory):
-    raise errors.UserError(f"{flag}={directory!r} is not a directory: pass a folder of images")
-  try:
-    index = images.read_index(directory)
-  except ValueError as e:
-    raise errors.UserError(f"{flag}: {e}") from e
-  where = os.path.join(directory, images.INDEX_FILE)
-  if index is None:
-    raise errors.UserError(
-      f"{where}: missing; CLIP score needs each image's prompt: pass a folder written by "
-      '`imagen-jax sample` (or add index.json: {"images": [{"file": ..., "prompt": ...}]})'
-    )
-  pairs = []
-  for i, entry in enumerate(index.get("images", [])):
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-      raise errors.UserError(f"{where}: images[{i}] has no 'file' name")
-    prompt = entry.get("prompt")
-    if not isinstance(prompt, str):
-      raise errors.UserError(f"{where}: images[{i}] ({entry['file']}) has no 'prompt' string")
-    path = os.path.join(directory, entry["file"])
-    if not os.path.isfile(path):
-      raise errors.UserError(f"{where}: images[{i}] names {entry['file']!r}, which is missing")
-    pairs.append((path, prompt))
-  if not pairs:
-    raise errors.UserError(f"{where}: lists no images")
-  return pairs
 
 
 def cosine_pairs(

@@ -236,11 +236,10 @@ def paper_state_memory(size: str, optimizer: str, fsdp_sizes: tuple[int, ...]) -
   from flax import linen as nn
 
   from imagen_jax import optim, parallel
-  from imagen_jax.info import abstract_inputs
   from imagen_jax.nn import factory
 
   net = factory.build_network(size)
-  args = abstract_inputs(net, 1, 8)
+  args = net.abstract_inputs(1, 8)
   with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(net.init, jax.random.key(0), *args)["params"]
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), parallel.LOGICAL_AXIS_RULES)

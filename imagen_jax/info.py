@@ -36,42 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
 
 
-def abstract_inputs(network, batch_size: int, text_length: int) -> list[Any]:
-  """ShapeDtypeStructs for a network call at its training resolution.
-
-  Args:
-    network: a UNet / EfficientUNet module.
-    batch_size: batch size.
-    text_length: text sequence length.
-
-  Returns:
-    [x, log_snr, text_emb, text_mask] (+ [lowres, lowres_aug_log_snr] for SR networks).
-  """
-  import jax
-  import jax.numpy as jnp
-
-  b, s = batch_size, network.image_size
-  args = [
-    jax.ShapeDtypeStruct((b, s, s, network.in_channels), jnp.float32),
-    jax.ShapeDtypeStruct((b,), jnp.float32),
-    jax.ShapeDtypeStruct((b, text_length, network.text_dim), jnp.float32),
-    jax.ShapeDtypeStruct((b, text_length), jnp.bool_),
-  ]
-  if network.is_super_resolution:
-    lr = network.lowres_size
-    args += [
-      jax.ShapeDtypeStruct((b, lr, lr, network.in_channels), jnp.float32),
-      jax.ShapeDtypeStruct((b,), jnp.float32),
-    ]
-  return args
-
-
 def count_params(network, text_length: int = 8) -> int:
   """Number of parameters, from `jax.eval_shape` (nothing allocated)."""
   import jax
   from flax import linen as nn
 
-  args = abstract_inputs(network, 1, text_length)
+  args = network.abstract_inputs(1, text_length)
   shapes = jax.eval_shape(network.init, jax.random.key(0), *args)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
 
@@ -97,7 +67,7 @@ def network_info(
 
   if batch_size < 1 or text_length < 1:
     raise ValueError(f"batch_size={batch_size} and text_length={text_length} must be >= 1")
-  args = abstract_inputs(network, batch_size, text_length)
+  args = network.abstract_inputs(batch_size, text_length)
   shapes = jax.eval_shape(network.init, jax.random.key(0), *args)
   params = nn.unbox(shapes["params"])
   info: dict[str, Any] = {"params": sum(math.prod(x.shape) for x in jax.tree.leaves(params))}

@@ -50,7 +50,7 @@ def test_info_prints_params_flops_and_memory(capsys):
   assert got["image_size"] == "16" and got["lowres_size"] == "8"
 
   # Forward FLOPs of the same network at batch 1: a gradient step costs ~3x a forward pass.
-  args = info.abstract_inputs(net, 1, 4)
+  args = net.abstract_inputs(1, 4)
   params = jax.eval_shape(net.init, jax.random.key(0), *args)
   fwd = jax.jit(net.apply).lower(params, *args).compile().cost_analysis()
   fwd_flops = float(fwd["flops"])
@@ -80,6 +80,6 @@ def test_info_bad_input(capsys):
     info.network_info(factory.build_network("tiny_base"), batch_size=0)
   gin_utils.parse_gin(["configs/models/tiny_base.gin"])
   gin.clear_config()
-  args = info.abstract_inputs(factory.build_network("tiny_sr"), 2, 5)
+  args = factory.build_network("tiny_sr").abstract_inputs(2, 5)
   assert [a.shape for a in args] == [(2, 32, 32, 3), (2,), (2, 5, 64), (2, 5), (2, 16, 16, 3), (2,)]
   assert args[3].dtype == jnp.bool_

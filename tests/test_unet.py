@@ -116,9 +116,7 @@ def test_paper_networks_structure():
   assert sr256.is_super_resolution and sr256.lowres_factor == 4 and sr256.lowres_size == 64
   assert sr1024.block_attention == ("none", "none", "none", "cross")
   assert sr256.block_attention[-1] == "self_text"
-  shapes = jax.eval_shape(sr1024.init, jax.random.key(0), *info.abstract_inputs(sr1024, 1, 8))[
-    "params"
-  ]
+  shapes = jax.eval_shape(sr1024.init, jax.random.key(0), *sr1024.abstract_inputs(1, 8))["params"]
   # SR-1024 has no self-attention: its lowest block attends to the text only.
   attn = shapes["down_3_attn"]
   assert "text_k" in attn and "k" not in attn

@@ -102,6 +102,24 @@ class TextConditionedUNet(nn.Module):
       )
     layers.remat_policy(self.remat_policy)
 
+  def abstract_inputs(self, batch_size: int, text_length: int) -> list[jax.ShapeDtypeStruct]:
+    """The call's inputs at the training resolution, as ShapeDtypeStructs (nothing allocated):
+    [x, log_snr, text_emb, text_mask] (+ [lowres, lowres_aug_log_snr] for super-resolution)."""
+    b, s, c = batch_size, self.image_size, self.in_channels
+    args = [
+      jax.ShapeDtypeStruct((b, s, s, c), jnp.float32),
+      jax.ShapeDtypeStruct((b,), jnp.float32),
+      jax.ShapeDtypeStruct((b, text_length, self.text_dim), jnp.float32),
+      jax.ShapeDtypeStruct((b, text_length), jnp.bool_),
+    ]
+    if self.is_super_resolution:
+      lr = self.lowres_size
+      args += [
+        jax.ShapeDtypeStruct((b, lr, lr, c), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.float32),
+      ]
+    return args
+
   @property
   def _kw(self) -> dict[str, Any]:
     return dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -25,7 +25,7 @@ VERBOSE_FLAG = "--verbose"
 # name -> (module, one-line help). Add a subcommand by adding its line here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
-  "precompute": ("imagen_jax.data.precompute", "encode captions once and write resumable shards"),
+  "precompute": ("imagen_jax.precompute_cli", "encode captions once and write resumable shards"),
   "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
   "compile": (
     "imagen_jax.compile_cli",

@@ -3,7 +3,8 @@
   shapes     the synthetic grammar's attribute accuracy (`imagen_jax.eval_shapes`);
   fid        FID of a folder of images against reference statistics (.npz) or a folder;
   reference  write the FID statistics (.npz: mu, sigma) of a folder of images;
-  clip       CLIP score of a folder of images against the prompts in its index.json.
+  clip       CLIP score of a folder of images against the prompts in its index.json;
+  coco       the COCO-30K protocol: sample captions through the cascade, then FID + CLIP score.
 FID uses pytorch-fid's Inception weights, which the user brings (`--inception=...pth`); CLIP
 score a Hugging Face CLIP folder (`--clip=DIR`). Inputs are checked before the network loads.
 """
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Any
 
 from imagen_jax import errors, eval_shapes
 
@@ -75,6 +77,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "multiple of the device count)",
   )
 
+  _add_coco(subs)
+
+
+def _add_coco(subs) -> None:
+  from imagen_jax import sample_cli
+  from imagen_jax.evaluation.clip import DEFAULT_BATCH_SIZE as CLIP_BATCH
+  from imagen_jax.evaluation.fid import DEFAULT_BATCH_SIZE as FID_BATCH
+
+  coco = _add(
+    subs,
+    "coco",
+    "COCO-30K: sample captions through the cascade (resumable), then FID and CLIP score",
+  )
+  sample_cli.add_source_flags(coco)
+  a = coco.add_argument
+  a(
+    "--captions",
+    required=True,
+    help="COCO captions_val2014.json ({'annotations': [{'image_id', 'caption'}]}) or a text "
+    "file with one prompt per line",
+  )
+  a("--num", type=int, default=30000, help="images to draw, one caption each (default 30000)")
+  a("--caption_seed", type=int, default=0, help="seed of the image and caption draw")
+  a(
+    "--reference",
+    required=True,
+    help="FID reference: STATS.npz (e.g. `eval reference` of the COCO val images) or a folder",
+  )
+  a("--inception", required=True, help=WEIGHTS_HELP)
+  a(
+    "--clip",
+    required=True,
+    help="Hugging Face CLIP folder (config.json, model.safetensors, vocab.json, merges.txt)",
+  )
+  a(
+    "--out",
+    required=True,
+    help="run folder: prompts.txt/json, images/ (PNGs + index.json), report.json, report.md; "
+    "rerunning the same command continues there",
+  )
+  a("--matrix_sqrt", choices=("sqrtm", "eigh"), default="sqrtm", help="as `eval fid`")
+  a("--fid_batch_size", type=int, default=FID_BATCH, help="images per Inception batch")
+  a("--clip_batch_size", type=int, default=CLIP_BATCH, help="images per CLIP batch")
+  sample_cli.add_sampling_flags(coco)
+
 
 def _add(subs, name: str, help_text: str) -> argparse.ArgumentParser:
   return subs.add_parser(name, help=help_text, description=help_text)
@@ -99,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     return run_fid(args)
   if args.benchmark == "clip":
     return run_clip(args)
+  if args.benchmark == "coco":
+    return run_coco(args)
   return run_reference(args)
 
 
@@ -109,11 +158,7 @@ def _check_batch_size(args: argparse.Namespace) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
   _check_batch_size(args)
-  if not os.path.isfile(args.inception):
-    raise errors.UserError(
-      f"--inception={args.inception!r} is not a file: pass pytorch-fid's "
-      "pt_inception-2015-12-05-6726825d.pth (from its releases page, or a pytorch-fid cache)"
-    )
+  _check_inception(args.inception)
 
 
 def _check_out_dir(path: str) -> None:
@@ -122,31 +167,32 @@ def _check_out_dir(path: str) -> None:
     raise errors.UserError(f"--out={path!r} is a directory: pass a file path")
 
 
-def run_fid(args: argparse.Namespace) -> int:
-  """`eval fid`: prints FID and writes the optional JSON report."""
-  from imagen_jax import images
+def _read_reference(reference: str) -> tuple[Any, list[str] | None]:
+  """(saved statistics, None) or (None, image files) of --reference; checked, nothing computed."""
   from imagen_jax.evaluation import fid, inception
 
-  _check_common(args)
-  files = fid.list_images(args.images, "--images")
-  ref_stats, ref_files = None, None
-  if os.path.isfile(args.reference):
-    ref_stats = fid.load_stats(args.reference)
+  if os.path.isfile(reference):
+    ref_stats = fid.load_stats(reference)
     if ref_stats[0].shape[0] != inception.FEATURE_DIM:
       raise errors.UserError(
-        f"--reference={args.reference!r} has {ref_stats[0].shape[0]}-d statistics, the FID "
+        f"--reference={reference!r} has {ref_stats[0].shape[0]}-d statistics, the FID "
         f"network gives {inception.FEATURE_DIM}-d pool3 features: use 2048-d statistics"
       )
-  elif os.path.isdir(args.reference):
-    ref_files = fid.list_images(args.reference, "--reference")
-  else:
-    raise errors.UserError(
-      f"--reference={args.reference!r} is neither a statistics .npz nor a folder of images"
-    )
-  if args.out:
-    _check_out_dir(args.out)
+    return ref_stats, None
+  if os.path.isdir(reference):
+    return None, fid.list_images(reference, "--reference")
+  raise errors.UserError(
+    f"--reference={reference!r} is neither a statistics .npz nor a folder of images"
+  )
 
-  extractor = fid.FeatureExtractor.from_file(args.inception, args.batch_size)
+
+def _frechet(
+  files: list[str], reference: tuple[Any, list[str] | None], extractor: Any, matrix_sqrt: str
+) -> dict[str, Any]:
+  """FID of `files` against a `_read_reference`; {"fid", counts, "warnings"} (also printed)."""
+  from imagen_jax.evaluation import fid, inception
+
+  ref_stats, ref_files = reference
   stats = fid.directory_stats(files, extractor, desc="fid images")
   if ref_files is not None:
     ref = fid.directory_stats(ref_files, extractor, desc="fid reference")
@@ -163,24 +209,41 @@ def run_fid(args: argparse.Namespace) -> int:
   ]
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", fid.FIDWarning)
-    value = fid.frechet_distance(
-      stats.mean, stats.sigma, ref_mu, ref_sigma, method=args.matrix_sqrt
-    )
+    value = fid.frechet_distance(stats.mean, stats.sigma, ref_mu, ref_sigma, method=matrix_sqrt)
   notes += [str(w.message) for w in caught if issubclass(w.category, fid.FIDWarning)]
-  for note in dict.fromkeys(notes):
+  notes = list(dict.fromkeys(notes))
+  for note in notes:
     print(f"imagen-jax eval fid: warning: {note}", file=sys.stderr)
   print(f"FID: {value:.4f} ({stats.count} images vs {ref_count or 'unknown'} reference images)")
+  return {
+    "fid": value,
+    "num_images": stats.count,
+    "num_reference_images": ref_count,
+    "warnings": notes,
+  }
+
+
+def run_fid(args: argparse.Namespace) -> int:
+  """`eval fid`: prints FID and writes the optional JSON report."""
+  from imagen_jax import images
+  from imagen_jax.evaluation import fid
+
+  _check_common(args)
+  files = fid.list_images(args.images, "--images")
+  reference = _read_reference(args.reference)
+  if args.out:
+    _check_out_dir(args.out)
+
+  extractor = fid.FeatureExtractor.from_file(args.inception, args.batch_size)
+  result = _frechet(files, reference, extractor, args.matrix_sqrt)
   if args.out:
     report = {
-      "fid": value,
-      "num_images": stats.count,
-      "num_reference_images": ref_count,
+      **result,
       "images": os.path.abspath(args.images),
       "reference": os.path.abspath(args.reference),
       "inception": os.path.abspath(args.inception),
       "batch_size": args.batch_size,
       "matrix_sqrt": args.matrix_sqrt,
-      "warnings": list(dict.fromkeys(notes)),
     }
     images.write_json(args.out, report)
   return 0
@@ -200,26 +263,46 @@ def run_reference(args: argparse.Namespace) -> int:
   return 0
 
 
+CLIP_DEFINITION = "mean over images of 100 * max(cos(image, prompt), 0)"
+
+
+def _check_clip(directory: str) -> tuple[Any, list[str], Any]:
+  """(config, weight files, tokenizer) of a --clip folder, checked before any weights load."""
+  from imagen_jax.evaluation import clip_model, clip_tokenizer
+
+  if not os.path.isdir(directory):
+    raise errors.UserError(
+      f"--clip={directory!r} is not a directory: pass {clip_model.WHERE_TO_GET}"
+    )
+  config = clip_model.read_config(directory)
+  files = clip_model.weight_files(directory)
+  return config, files, clip_tokenizer.CLIPTokenizer.from_directory(directory)
+
+
+def _clip_cosines(
+  pairs: list[tuple[str, str]], directory: str, checked: tuple[Any, list[str], Any], batch_size: int
+) -> tuple[Any, Any]:
+  """(per-image cosines, the scorer) of (image path, prompt) pairs."""
+  from imagen_jax.evaluation import clip, clip_model
+
+  config, files, tokenizer = checked
+  model, variables = clip_model.load(directory, config, files)
+  scorer = clip.Scorer(model, variables, tokenizer, batch_size)
+  return clip.cosine_pairs(pairs, scorer), scorer
+
+
 def run_clip(args: argparse.Namespace) -> int:
   """`eval clip`: prints the mean CLIP score and writes the optional JSON report."""
   from imagen_jax import images
-  from imagen_jax.evaluation import clip, clip_model, clip_tokenizer
+  from imagen_jax.evaluation import clip
 
   _check_batch_size(args)
-  pairs = clip.indexed_prompts(args.images, "--images")
-  if not os.path.isdir(args.clip):
-    raise errors.UserError(
-      f"--clip={args.clip!r} is not a directory: pass {clip_model.WHERE_TO_GET}"
-    )
-  config = clip_model.read_config(args.clip)
-  files = clip_model.weight_files(args.clip)
-  tokenizer = clip_tokenizer.CLIPTokenizer.from_directory(args.clip)
+  pairs = images.indexed_prompts(args.images, "--images")
+  checked = _check_clip(args.clip)
   if args.out:
     _check_out_dir(args.out)
 
-  model, variables = clip_model.load(args.clip, config, files)
-  scorer = clip.Scorer(model, variables, tokenizer, args.batch_size)
-  cosines = clip.cosine_pairs(pairs, scorer)
+  cosines, scorer = _clip_cosines(pairs, args.clip, checked, args.batch_size)
   scores = clip.from_cosine(cosines)
   value = float(scores.mean())
   print(
@@ -233,7 +316,7 @@ def run_clip(args: argparse.Namespace) -> int:
       "clip": os.path.abspath(args.clip),
       "batch_size": scorer.batch_size,
       "devices": len(scorer.devices),
-      "definition": "mean over images of 100 * max(cos(image, prompt), 0)",
+      "definition": CLIP_DEFINITION,
       "per_image": [
         {
           "file": os.path.relpath(p, args.images),
@@ -245,4 +328,89 @@ def run_clip(args: argparse.Namespace) -> int:
       ],
     }
     images.write_json(args.out, report)
+  return 0
+
+
+def _check_inception(path: str) -> None:
+  if not os.path.isfile(path):
+    raise errors.UserError(
+      f"--inception={path!r} is not a file: pass pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth (from its releases page, or a pytorch-fid cache)"
+    )
+
+
+def _write_prompts(out: str, chosen: list[dict[str, str]]) -> str:
+  """prompts.json (image ids + captions) and prompts.txt (what `sample` reads); its path."""
+  from imagen_jax import images
+
+  images.write_json(os.path.join(out, "prompts.json"), chosen)
+  path = os.path.join(out, "prompts.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("".join(c["caption"] + "\n" for c in chosen))
+  return path
+
+
+def run_coco(args: argparse.Namespace) -> int:
+  """`eval coco`: draws the prompts, samples them with `imagen-jax sample` into OUT/images
+  (which resumes a killed run), then writes FID + CLIP score to OUT/report.json and report.md."""
+  from imagen_jax import images, sample_cli
+  from imagen_jax.evaluation import clip, coco, fid
+
+  # Everything is checked before sampling (hours at 30K) and before any weights load.
+  for flag in ("fid_batch_size", "clip_batch_size"):
+    if getattr(args, flag) < 1:
+      raise errors.UserError(f"--{flag}={getattr(args, flag)} must be at least 1")
+  _check_inception(args.inception)
+  reference = _read_reference(args.reference)
+  checked_clip = _check_clip(args.clip)
+  chosen = coco.select(coco.read_captions(args.captions), args.num, args.caption_seed)
+  errors.check_writable_dir(args.out, "--out")
+
+  images_dir = os.path.join(args.out, "images")
+  sample_args = argparse.Namespace(
+    **{**vars(args), "prompt": [], "prompts_file": _write_prompts(args.out, chosen)},
+  )
+  sample_args.out = images_dir
+  status = sample_cli.run(sample_args)
+  if status:
+    return status
+
+  pairs = images.indexed_prompts(images_dir, "--out")
+  index = images.read_index(images_dir)
+  extractor = fid.FeatureExtractor.from_file(args.inception, args.fid_batch_size)
+  result = _frechet([p for p, _ in pairs], reference, extractor, args.matrix_sqrt)
+  cosines, scorer = _clip_cosines(pairs, args.clip, checked_clip, args.clip_batch_size)
+  scores = clip.from_cosine(cosines)
+  print(f"CLIP score: {float(scores.mean()):.4f} ({len(pairs)} images)")
+  report = {
+    **result,
+    "clip_score": float(scores.mean()),
+    "clip_definition": CLIP_DEFINITION,
+    "settings": {
+      "captions": os.path.abspath(args.captions),
+      "num": args.num,
+      "caption_seed": args.caption_seed,
+      "num_per_prompt": args.num_per_prompt,
+      "reference": os.path.abspath(args.reference),
+      "inception": os.path.abspath(args.inception),
+      "clip": os.path.abspath(args.clip),
+      "matrix_sqrt": args.matrix_sqrt,
+      "sampling": index["run"],
+      "weights": index.get("weights"),
+      "devices": len(scorer.devices),
+    },
+    "per_image": [
+      {
+        "file": os.path.relpath(p, args.out),
+        "image_id": chosen[k // args.num_per_prompt]["image_id"],
+        "prompt": t,
+        "clip_score": float(s),
+      }
+      for k, ((p, t), s) in enumerate(zip(pairs, scores, strict=True))
+    ],
+  }
+  images.write_json(os.path.join(args.out, "report.json"), report)
+  with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+    f.write(coco.markdown(report))
+  print(f"eval coco: report -> {os.path.join(args.out, 'report.json')} (and report.md)")
   return 0

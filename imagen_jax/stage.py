@@ -221,6 +221,49 @@ class Stage:
     loss = jnp.mean(per_example)
     return loss, {"loss": loss}
 
+  def loss_at(
+    self,
+    params: Any,
+    batch: dict[str, jax.Array],
+    t: jax.Array,
+    noise: jax.Array,
+    aug_noise: jax.Array | None = None,
+  ) -> jax.Array:
+    """Per-example denoising loss [B] at given times and noise: the validation loss.
+
+    Everything `loss_fn` draws is an input or fixed here, so the same params give the same
+    number on every call: the text is kept (the conditional loss), dropout is off, and SR
+    stages noise the low-res image at the sampling level `aug_sample_level` with `aug_noise`.
+
+    Args:
+      params: network parameters.
+      batch: a batch as `loss_fn` takes it.
+      t: [B] diffusion times in (0, 1).
+      noise: ε, shaped like batch["image"].
+      aug_noise: SR stages: the low-res augmentation's noise, shaped like batch["lowres"].
+    """
+    cfg = self.config
+    image = batch["image"].astype(jnp.float32)
+    log_snr = self.log_snr_fn(t)
+    lowres, aug_log_snr = None, None
+    if cfg.is_super_resolution:
+      if aug_noise is None:
+        raise ValueError(f"stage {cfg.name!r} is super-resolution: pass aug_noise")
+      levels = jnp.full((image.shape[0],), cfg.aug_sample_level, jnp.float32)
+      aug_log_snr = schedules.get_schedule(cfg.aug_schedule)(levels)
+      lowres = process.q_sample(batch["lowres"].astype(jnp.float32), aug_log_snr, aug_noise)
+    out = self.network.apply(
+      {"params": params},
+      process.q_sample(image, log_snr, noise),
+      log_snr,
+      batch["text_emb"],
+      batch["text_mask"].astype(bool),
+      lowres,
+      aug_log_snr,
+      True,
+    )
+    return losses.diffusion_loss(out, image, noise, log_snr, cfg.objective, cfg.min_snr_gamma)
+
   # --- sampling -----------------------------------------------------------------------------
 
   def model_fn(self, params: Any, z: jax.Array, log_snr: jax.Array, cond: dict) -> jax.Array:

@@ -12,6 +12,7 @@ score a Hugging Face CLIP folder (`--clip=DIR`). Inputs are checked before the n
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import warnings
@@ -339,6 +340,11 @@ def _check_inception(path: str) -> None:
     )
 
 
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _write_prompts(out: str, chosen: list[dict[str, str]]) -> str:
   """prompts.json (image ids + captions) and prompts.txt (what `sample` reads); its path."""
   from imagen_jax import images
@@ -388,6 +394,7 @@ def run_coco(args: argparse.Namespace) -> int:
     "clip_definition": CLIP_DEFINITION,
     "settings": {
       "captions": os.path.abspath(args.captions),
+      "captions_sha256": _sha256(args.captions),
       "num": args.num,
       "caption_seed": args.caption_seed,
       "num_per_prompt": args.num_per_prompt,

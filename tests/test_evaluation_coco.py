@@ -8,6 +8,7 @@ weights are test_evaluation_fid's random pytorch-fid network, the CLIP folder th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -187,6 +188,8 @@ def test_report_matches_eval_clip_and_a_direct_fid(inputs, uninterrupted, tmp_pa
   assert report["num_images"] == NUM and report["num_reference_images"] == 64
   assert [p["image_id"] for p in report["per_image"]] == [c["image_id"] for c in chosen]
   assert report["settings"]["num"] == NUM and report["settings"]["sampling"] == index["run"]
+  with open(inputs["captions"], "rb") as f:
+    assert report["settings"]["captions_sha256"] == hashlib.sha256(f.read()).hexdigest()
 
   # CLIP score: the same as `eval clip` on the images folder.
   clip_out = str(tmp_path / "clip.json")

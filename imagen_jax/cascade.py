@@ -482,10 +482,12 @@ class Cascade:
     encoder: a `TextEncoder` (or anything with `encode(texts)`, `tokenize(texts)`, `width`,
       `max_length`); may be None when only `sample_embeddings` is used.
     stages: stages in order, base first (a cascade of SR stages only can start from images).
-    devices: where images are sampled (default: all of this process's devices). Each batch is
-      split over them along a one-axis mesh and every stage's params are replicated on each, so
-      one call runs on every device; an image still depends only on its prompt, seed and
-      settings (up to float rounding between device counts).
+    devices: where images are sampled (default: all of this process's devices).
+    mesh: their ('data', 'fsdp', 'model') layout (default: all on 'data'): each batch is split
+      over ('data', 'fsdp') and every stage's params are placed by the training job's logical
+      rules (replicated by default, FSDP-sharded with fsdp > 1), so one call runs on every
+      device; an image still depends only on its prompt, seed and settings (up to float
+      rounding between layouts). A `SamplingMesh` may be passed ready-made (`devices` unused).
   """
 
   def __init__(
@@ -493,6 +495,7 @@ class Cascade:
     encoder: Any,
     stages: Sequence[CascadeStage],
     devices: Sequence[jax.Device] | None = None,
+    mesh: parallel.MeshConfig | parallel.SamplingMesh | None = None,
   ):
     check_chain(stages)
     self.encoder = encoder
@@ -501,14 +504,20 @@ class Cascade:
       raise ValueError(
         f"text encoder width {encoder.width} != the stages' text_dim {self.stages[0].text_dim}"
       )
-    self._split = parallel.BatchSplit(devices)
-    self.devices = self._split.devices
+    if not isinstance(mesh, parallel.SamplingMesh):
+      mesh = parallel.SamplingMesh(mesh, devices)
+    self._split = mesh
+    self.mesh = mesh.mesh
+    self.devices = mesh.devices
     self._placed_params: dict[int, Any] = {}
 
   def _params_on_devices(self, index: int) -> Any:
-    """Stage `index`'s params replicated on every sampling device (placed once)."""
+    """Stage `index`'s params on the sampling mesh, by the logical rules (placed once)."""
     if index not in self._placed_params:
-      self._placed_params[index] = self._split.replicate(self.stages[index].params)
+      st = self.stages[index]
+      batch = st.stage.dummy_batch(1, st.max_length, st.text_dim)
+      shardings = self._split.param_shardings(st.stage.init_params, jax.random.key(0), batch)
+      self._placed_params[index] = jax.device_put(st.params, shardings)
     return self._placed_params[index]
 
   # --- constructors -------------------------------------------------------------------------
@@ -521,21 +530,24 @@ class Cascade:
     t5_checkpoint: str | None = None,
     t5_size: str | None = None,
     encoder: Any = None,
+    mesh: parallel.MeshConfig | None = None,
   ) -> Cascade:
     """Loads every stage's latest EMA params from training MODEL_DIRs.
 
     The text encoder is the one recorded in the first stage's precompute manifest (DATA), with
-    the vocabulary found beside the data, unless given (`encoder`) or overridden.
+    the vocabulary found beside the data, unless given (`encoder`) or overridden. `mesh` lays
+    out this process's devices (see `Cascade`); the encoder runs on the same mesh.
     """
     missing = [d for d in stage_dirs if not os.path.isdir(d)]
     if missing:
       raise FileNotFoundError(f"stage dirs do not exist: {missing}")
     stages = [load_stage_dir(d) for d in stage_dirs]
     check_chain(stages)
+    sampling = parallel.SamplingMesh(mesh)
     if encoder is None:
       ref, vocab_path = resolve_encoder_reference(stages, vocab_path, t5_checkpoint, t5_size)
-      encoder = load_encoder_from_reference(ref, vocab_path)
-    return cls(encoder, stages)
+      encoder = load_encoder_from_reference(ref, vocab_path, mesh=sampling.mesh)
+    return cls(encoder, stages, mesh=sampling)
 
   # --- text ---------------------------------------------------------------------------------
 
@@ -564,7 +576,13 @@ class Cascade:
   # --- sampling -----------------------------------------------------------------------------
 
   def _program(self, index: int, settings: StageSampling) -> Callable:
-    return stage_program(self.stages[index].stage, settings)
+    program = stage_program(self.stages[index].stage, settings, self.mesh)
+
+    def traced_on_mesh(*args):
+      with self._split.context():
+        return program(*args)
+
+    return traced_on_mesh
 
   def sample_embeddings(
     self,
@@ -728,11 +746,12 @@ class Cascade:
 _PROGRAMS: dict[tuple, Callable] = {}
 
 
-def stage_program(stage: Stage, settings: StageSampling) -> Callable:
+def stage_program(stage: Stage, settings: StageSampling, mesh: jax.sharding.Mesh) -> Callable:
   """The compiled sampler of one stage for a batch: `program(params, emb, mask, uncond_emb,
   uncond_mask, rngs, lowres) -> images`, the single-image `Stage.sample` vmapped over the batch
-  (per-image PRNG keys) under one `jax.jit`."""
-  key = (type(stage.network), repr(stage.network), stage.config, settings)
+  (per-image PRNG keys, the vmapped axis split over `mesh`'s batch axes) under one `jax.jit`.
+  Call it inside `SamplingMesh.context()`, where the network's logical constraints apply."""
+  key = (type(stage.network), repr(stage.network), stage.config, settings, mesh)
   if key not in _PROGRAMS:
     config = settings.sampler_config()
     aug_level = settings.aug_level
@@ -750,7 +769,8 @@ def stage_program(stage: Stage, settings: StageSampling) -> Callable:
       )
       return out[0]
 
-    _PROGRAMS[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0)))
+    batched = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0), spmd_axis_name=parallel.BATCH_AXES)
+    _PROGRAMS[key] = jax.jit(batched, out_shardings=parallel.batch_sharding(mesh, 4))
   return _PROGRAMS[key]
 
 

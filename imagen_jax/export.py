@@ -339,17 +339,27 @@ def load_encoder_reference(bundle_dir: str) -> tuple[dict[str, Any], str]:
 
 
 def load_bundle(
-  bundle_dir: str, encoder: Any = None, t5_checkpoint: str | None = None, verify: bool = True
+  bundle_dir: str,
+  encoder: Any = None,
+  t5_checkpoint: str | None = None,
+  verify: bool = True,
+  mesh: Any = None,
 ) -> cascade.Cascade:
-  """A ready Cascade from a bundle (the encoder is rebuilt from its reference unless given)."""
+  """A ready Cascade from a bundle (the encoder is rebuilt from its reference unless given).
 
-  from imagen_jax import cascade
+  `mesh` (a `parallel.MeshConfig`, default every local device on 'data') lays out this
+  process's devices: the batch split over ('data', 'fsdp'), the params placed by the training
+  rules (FSDP-sharded with fsdp > 1); the encoder runs on the same mesh.
+  """
+
+  from imagen_jax import cascade, parallel
 
   stages = load_stages(bundle_dir, verify)
+  sampling = parallel.SamplingMesh(mesh)
   if encoder is None:
     ref, vocab = load_encoder_reference(bundle_dir)
-    encoder = cascade.load_encoder_from_reference(ref, vocab, t5_checkpoint)
-  return cascade.Cascade(encoder, stages)
+    encoder = cascade.load_encoder_from_reference(ref, vocab, t5_checkpoint, mesh=sampling.mesh)
+  return cascade.Cascade(encoder, stages, mesh=sampling)
 
 
 # ================================================================================================

@@ -9,6 +9,7 @@ those names into mesh axes. Rules are (logical name, mesh axes) pairs, first mat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -264,6 +265,91 @@ class BatchSplit:
     """A host array with a leading batch dim (divisible by the device count), split over the
     devices; None stays None."""
     return None if array is None else jax.device_put(array, self._split)
+
+
+# Sampling vmaps a single-image program over the batch: the vmapped axis carries the batch split
+# (`jax.vmap(spmd_axis_name=BATCH_AXES)`), so the network's own (size-1) batch axis is unsplit.
+SAMPLING_AXIS_RULES: tuple[tuple[str, Any], ...] = (("batch", None), *LOGICAL_AXIS_RULES)
+
+
+def parse_mesh_flag(text: str) -> MeshConfig:
+  """`data=2,fsdp=4` (any of data/fsdp/model; unnamed axes keep MeshConfig's defaults) ->
+  MeshConfig; ValueError naming the bad part."""
+  sizes: dict[str, int] = {}
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in MESH_AXES or name in sizes:
+      raise ValueError(
+        f"{part!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} (each once)"
+      )
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"{part!r}: size {value.strip()!r} is not an integer") from None
+  if not sizes:
+    raise ValueError("no axis sizes given (e.g. data=2,fsdp=4)")
+  return MeshConfig(**sizes)
+
+
+def _divisible_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with the axes dropped from dimensions they do not divide (those stay whole)."""
+  dims = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    dims.append(axes if size % ways == 0 else None)
+  return PartitionSpec(*dims)
+
+
+class SamplingMesh:
+  """Inference on a ('data', 'fsdp', 'model') mesh of this process's devices.
+
+  The batch is split over ('data', 'fsdp'); parameters are placed by the training job's logical
+  rules, so `fsdp` > 1 stores each stage FSDP-sharded (ZeRO-3: XLA gathers each weight where it
+  is used) and the default mesh (every device on `data`) replicates them. Each process builds
+  its own mesh: in a multi-host run every host samples its own images, no collectives between
+  hosts.
+
+  Args:
+    config: axis sizes (default: every device on 'data').
+    devices: the devices (default: `jax.local_devices()`).
+  """
+
+  def __init__(self, config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None):
+    self.config = config or MeshConfig()
+    self.mesh = self.config.build(jax.local_devices() if devices is None else devices)
+    self.devices = list(self.mesh.devices.flat)
+
+  @property
+  def batch_ways(self) -> int:
+    return data_parallel_size(self.mesh)
+
+  def round_up(self, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the batch split (an equal share each)."""
+    return -(-batch_size // self.batch_ways) * self.batch_ways
+
+  def split(self, array: Any) -> Any:
+    """A host array with a leading batch dim (a multiple of `batch_ways`) split over the
+    batch axes; None stays None."""
+    return None if array is None else jax.device_put(array, batch_sharding(self.mesh, array.ndim))
+
+  def param_shardings(self, init_fn, *args) -> Any:
+    """NamedShardings of `init_fn(*args)`'s (boxed) params under the logical rules; a dimension
+    an axis does not divide stays whole (a bundle's widths need not suit every mesh)."""
+    abstract, shardings = abstract_and_shardings(init_fn, self.mesh, *args)
+    return jax.tree.map(
+      lambda x, s: NamedSharding(self.mesh, _divisible_spec(x.shape, s.spec, self.mesh)),
+      abstract,
+      shardings,
+    )
+
+  def context(self) -> contextlib.ExitStack:
+    """The mesh and sampling rules for tracing a program (activation constraints apply)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(SAMPLING_AXIS_RULES))
+    return stack
 
 
 def data_parallel_size(mesh: Mesh) -> int:

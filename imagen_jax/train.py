@@ -278,11 +278,14 @@ def train(
     evaluator = ValidationLoss(stage_obj, mesh, ema_like, validation, t_grid, eval_batches, seed)
     if is_main:
       log.info(
-        "eval step compiled: %d validation examples x %d t every %d steps (%.1fs)",
+        "eval step compiled: %d validation examples x %d t every %d steps (%.1fs)%s",
         evaluator.num_examples,
         len(t_grid),
         eval_every,
         time.time() - t_start,
+        f"; the split has {validation.num_examples}, so examples repeat, each with its own noise"
+        if evaluator.num_examples > validation.num_examples
+        else "",
       )
   parallel.wait_for_all_processes("compiled")
   state = program.init_state(init_rng)

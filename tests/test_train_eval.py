@@ -200,3 +200,16 @@ def test_data_without_a_validation_split_skips_eval_with_one_line(data_dir, tmp_
 def test_bad_t_grid_is_a_user_error(grid):
   with pytest.raises(errors.UserError, match=r"eval_t_grid=.* must be distinct times in \(0, 1\)"):
     train.check_eval_t_grid(grid)
+
+
+def test_plot_draws_the_headline_from_its_first_to_its_last_point():
+  from imagen_jax.evaluation import curves
+
+  # y falls from 1 to 0 over x 0..10: the thick black line runs from the axes' top-left corner
+  # (60, 30) to their bottom-right one (490, 360); a second series must not move it.
+  image = curves.plot_series({"mean": ([0, 10], [1.0, 0.0]), "t": ([0, 10], [0.5, 0.5])}, "t")
+  assert image.shape == (400, 640, 3)
+  assert (image[30, 60] == 0).all() and (image[360, 490] == 0).all()
+  assert (image[195, 275] == 0).all()  # the middle of the diagonal
+  orange = np.array(curves.COLOURS[0])
+  assert (image[195, 100] == orange).all()  # the flat series at y = 0.5, in its own colour

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# Distinct, print-safe colours (Okabe-Ito); the first series is drawn thick in the first one.
-COLOURS = ((0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-           (0, 114, 178), (213, 94, 0), (204, 121, 167))  # fmt: skip
+HEADLINE = (0, 0, 0)
+# The others cycle through Okabe-Ito's colour-blind-safe colours (yellow darkened for white)
+# and grey: eight, so a default 8-point t grid never repeats one or the headline's black.
+COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (190, 170, 0), (0, 114, 178),
+           (213, 94, 0), (204, 121, 167), (128, 128, 128))  # fmt: skip
 
 
 def plot_series(
@@ -16,7 +18,7 @@ def plot_series(
 ) -> np.ndarray:
   """Draws named (x, y) series on shared axes; returns the image as uint8 [H, W, 3].
 
-  The first series is the headline (thick); the legend lists every name in its colour, and the
+  The first series is the headline (thick, black); the legend lists every name in its colour, and the
   axes are labelled with their ranges. Non-finite points are skipped.
   """
   from PIL import Image, ImageDraw
@@ -43,8 +45,9 @@ def plot_series(
   draw.text((left, height - bottom + 6), f"{x0:g}", fill=(0, 0, 0))
   draw.text((width - right - 40, height - bottom + 6), f"{x1:g}", fill=(0, 0, 0))
   draw.text(((width - right) // 2, height - 18), "step", fill=(0, 0, 0))
-  for i, (name, (xs, ys)) in enumerate(series.items()):
-    colour = COLOURS[i % len(COLOURS)]
+  # Drawn last to first, so the headline lies on top of the others.
+  for i, (name, (xs, ys)) in reversed(list(enumerate(series.items()))):
+    colour = HEADLINE if i == 0 else COLOURS[(i - 1) % len(COLOURS)]
     line = [to_pixel(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
     if len(line) > 1:
       draw.line(line, fill=colour, width=3 if i == 0 else 1)

@@ -356,6 +356,48 @@ def _write_prompts(out: str, chosen: list[dict[str, str]]) -> str:
   return path
 
 
+def _coco_report(
+  args: argparse.Namespace,
+  chosen: list[dict[str, str]],
+  pairs: list[tuple[str, str]],
+  fid_result: dict[str, Any],
+  scores: Any,
+  devices: int,
+) -> dict[str, Any]:
+  """report.json: the headline numbers, what they were measured with, and each image's score."""
+  from imagen_jax import images
+
+  index = images.read_index(os.path.join(args.out, "images"))
+  return {
+    **fid_result,
+    "clip_score": float(scores.mean()),
+    "clip_definition": CLIP_DEFINITION,
+    "settings": {
+      "captions": os.path.abspath(args.captions),
+      "captions_sha256": _sha256(args.captions),
+      "num": args.num,
+      "caption_seed": args.caption_seed,
+      "num_per_prompt": args.num_per_prompt,
+      "reference": os.path.abspath(args.reference),
+      "inception": os.path.abspath(args.inception),
+      "clip": os.path.abspath(args.clip),
+      "matrix_sqrt": args.matrix_sqrt,
+      "sampling": index["run"],
+      "weights": index.get("weights"),
+      "devices": devices,
+    },
+    "per_image": [
+      {
+        "file": os.path.relpath(p, args.out),
+        "image_id": chosen[k // args.num_per_prompt]["image_id"],
+        "prompt": t,
+        "clip_score": float(s),
+      }
+      for k, ((p, t), s) in enumerate(zip(pairs, scores, strict=True))
+    ],
+  }
+
+
 def run_coco(args: argparse.Namespace) -> int:
   """`eval coco`: draws the prompts, samples them with `imagen-jax sample` into OUT/images
   (which resumes a killed run), then writes FID + CLIP score to OUT/report.json and report.md."""
@@ -373,49 +415,19 @@ def run_coco(args: argparse.Namespace) -> int:
   errors.check_writable_dir(args.out, "--out")
 
   images_dir = os.path.join(args.out, "images")
-  sample_args = argparse.Namespace(
-    **{**vars(args), "prompt": [], "prompts_file": _write_prompts(args.out, chosen)},
-  )
-  sample_args.out = images_dir
-  status = sample_cli.run(sample_args)
+  prompts_file = _write_prompts(args.out, chosen)
+  sample_args = {**vars(args), "prompt": [], "prompts_file": prompts_file, "out": images_dir}
+  status = sample_cli.run(argparse.Namespace(**sample_args))
   if status:
     return status
 
   pairs = images.indexed_prompts(images_dir, "--out")
-  index = images.read_index(images_dir)
   extractor = fid.FeatureExtractor.from_file(args.inception, args.fid_batch_size)
   result = _frechet([p for p, _ in pairs], reference, extractor, args.matrix_sqrt)
   cosines, scorer = _clip_cosines(pairs, args.clip, checked_clip, args.clip_batch_size)
   scores = clip.from_cosine(cosines)
   print(f"CLIP score: {float(scores.mean()):.4f} ({len(pairs)} images)")
-  report = {
-    **result,
-    "clip_score": float(scores.mean()),
-    "clip_definition": CLIP_DEFINITION,
-    "settings": {
-      "captions": os.path.abspath(args.captions),
-      "captions_sha256": _sha256(args.captions),
-      "num": args.num,
-      "caption_seed": args.caption_seed,
-      "num_per_prompt": args.num_per_prompt,
-      "reference": os.path.abspath(args.reference),
-      "inception": os.path.abspath(args.inception),
-      "clip": os.path.abspath(args.clip),
-      "matrix_sqrt": args.matrix_sqrt,
-      "sampling": index["run"],
-      "weights": index.get("weights"),
-      "devices": len(scorer.devices),
-    },
-    "per_image": [
-      {
-        "file": os.path.relpath(p, args.out),
-        "image_id": chosen[k // args.num_per_prompt]["image_id"],
-        "prompt": t,
-        "clip_score": float(s),
-      }
-      for k, ((p, t), s) in enumerate(zip(pairs, scores, strict=True))
-    ],
-  }
+  report = _coco_report(args, chosen, pairs, result, scores, len(scorer.devices))
   images.write_json(os.path.join(args.out, "report.json"), report)
   with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
     f.write(coco.markdown(report))

@@ -7,6 +7,7 @@ metrics.jsonl and TensorBoard every `eval_every` steps and draws MODEL_DIR/eval_
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -56,25 +57,26 @@ def _bindings(model_dir, data_dir, **extra):
   return b + [f"train.train.{k} = {v!r}" for k, v in extra.items()]
 
 
-def _tiny_stage(data_dir, tmp_path) -> Stage:
+def _tiny_stage(data_dir, tmp_path, stage_gin=STAGE_GIN) -> Stage:
   import gin
 
   from imagen_jax import stage
   from imagen_jax.nn import factory
 
   gin_utils.parse_gin(
-    [STAGE_GIN, "configs/mesh/cpu1.gin", "configs/runs/tiny.gin"], _bindings(tmp_path, data_dir)
+    [stage_gin, "configs/mesh/cpu1.gin", "configs/runs/tiny.gin"], _bindings(tmp_path, data_dir)
   )
   return Stage(gin.get_configurable(factory.network)(), gin.get_configurable(stage.StageConfig)())
 
 
-def _validation(data_dir, batch_size):
+def _validation(data_dir, batch_size, resolution=16, lowres_resolution=None):
   from imagen_jax.data import input_pipeline
 
   return input_pipeline.make_train_iterator(
     data_dir,
     batch_size=batch_size,
-    resolution=16,
+    resolution=resolution,
+    lowres_resolution=lowres_resolution,
     max_length=train_helpers.MAX_LENGTH,
     split="validation",
     process_index=0,
@@ -86,6 +88,14 @@ def _init_params(stage_obj, mesh):
   batch = stage_obj.dummy_batch(1, train_helpers.MAX_LENGTH, train_helpers.TEXT_DIM)
   inputs = {k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}
   return parallel.sharded_init(stage_obj.init_params, mesh, jax.random.PRNGKey(0), inputs)
+
+
+def _perturbed(params, scale=0.05):
+  """Host copies of `params` + seeded noise: a network whose output is not zero."""
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+    lambda p: (np.asarray(p) + scale * rng.standard_normal(p.shape)).astype(np.float32), params
+  )
 
 
 def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
@@ -112,9 +122,7 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
   np.testing.assert_allclose(list(at_init.values()), expected, rtol=1e-6)
 
   # A non-trivial network: perturb every weight (zero output would hide the devices' numerics).
-  rng = np.random.default_rng(0)
-  host = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape), params)
-  host = jax.tree.map(lambda p: p.astype(np.float32), host)
+  host = _perturbed(params)
   params = jax.device_put(host, jax.tree.map(lambda p: p.sharding, params))
   first, second = evaluate(params), evaluate(params)
   assert first == second  # bit-identical: same examples, t and noise on every call
@@ -191,6 +199,11 @@ def test_data_without_a_validation_split_skips_eval_with_one_line(data_dir, tmp_
     json.dump(manifest, f)
   assert train._has_validation_split(data_dir, None)
   assert not train._has_validation_split(no_val, None)
+  # On-the-fly text mode reads the prepared TFDS dataset's splits (shapes builds both).
+  (info,) = glob.glob(
+    os.path.join(os.path.dirname(data_dir), "tfds", "**", "dataset_info.json"), recursive=True
+  )
+  assert train._has_validation_split(os.path.dirname(info), None)
   caplog.set_level(logging.INFO, logger="imagen_jax.train")
   assert train._open_validation(no_val, False, None, 8) is None
   assert caplog.text.count("no validation split") == 1
@@ -213,3 +226,39 @@ def test_plot_draws_the_headline_from_its_first_to_its_last_point():
   assert (image[195, 275] == 0).all()  # the middle of the diagonal
   orange = np.array(curves.COLOURS[0])
   assert (image[195, 100] == orange).all()  # the flat series at y = 0.5, in its own colour
+
+
+def test_sr_eval_loss_is_loss_at_with_each_example_index_noise(data_dir, tmp_path):
+  """The eval's plumbing (rows, indices, ε and low-res augmentation noise, means) against
+  `Stage.loss_at` called directly on the same examples with noise rebuilt on the host."""
+  import jax.numpy as jnp
+
+  stage_obj = _tiny_stage(data_dir, tmp_path, "configs/stages/tiny_sr.gin")
+  one = parallel.MeshConfig(data=1, fsdp=1, model=1, max_devices=1).build()
+  params, shardings = _init_params(stage_obj, one)
+  params = jax.device_put(_perturbed(params), shardings)
+  grid, seed = (0.3, 0.7), 3
+  evaluate = train.ValidationLoss(
+    stage_obj, one, params, _validation(data_dir, 4, 32, 16), grid, 2, seed
+  )
+  got = evaluate(params)
+
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  normal = lambda i, stream, shape: jax.random.normal(
+    jax.random.fold_in(jax.random.fold_in(key, i), stream), shape
+  )
+  loss_at = jax.jit(stage_obj.loss_at)
+  examples, per_t = _validation(data_dir, 4, 32, 16), {t: [] for t in grid}
+  for b in range(2):
+    batch = {k: v for k, v in next(examples).items() if k != "key"}
+    rows = range(4 * b, 4 * b + 4)
+    noise = np.stack([normal(i, 0, (32, 32, 3)) for i in rows])
+    aug_noise = np.stack([normal(i, 1, (16, 16, 3)) for i in rows])
+    for t in grid:
+      per_t[t] += list(np.asarray(loss_at(params, batch, jnp.full((4,), t), noise, aug_noise)))
+  expected = [np.mean([np.mean(v) for v in per_t.values()])] + [np.mean(per_t[t]) for t in grid]
+  # Same math, other programs (vmapped draws, lax.map over t): float32 rounding apart.
+  np.testing.assert_allclose(list(got.values()), expected, rtol=1e-5)
+  # The augmentation noise is an input that matters: other noise, another loss.
+  other = loss_at(params, batch, jnp.full((4,), 0.3), noise, aug_noise[::-1])
+  assert not np.allclose(other, per_t[0.3][-4:], rtol=1e-4)

@@ -351,9 +351,16 @@ def _write_prompts(out: str, chosen: list[dict[str, str]]) -> str:
 
   images.write_json(os.path.join(out, "prompts.json"), chosen)
   path = os.path.join(out, "prompts.txt")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(c["caption"] + "\n" for c in chosen))
+  _write_text(path, "".join(c["caption"] + "\n" for c in chosen))
   return path
+
+
+def _write_text(path: str, text: str) -> None:
+  from imagen_jax import images
+
+  # Whole or not at all: a kill mid-write leaves the old file (every host may write the same).
+  with images._atomic_local_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
 
 
 def _coco_report(
@@ -429,7 +436,6 @@ def run_coco(args: argparse.Namespace) -> int:
   print(f"CLIP score: {float(scores.mean()):.4f} ({len(pairs)} images)")
   report = _coco_report(args, chosen, pairs, result, scores, len(scorer.devices))
   images.write_json(os.path.join(args.out, "report.json"), report)
-  with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-    f.write(coco.markdown(report))
+  _write_text(os.path.join(args.out, "report.md"), coco.markdown(report))
   print(f"eval coco: report -> {os.path.join(args.out, 'report.json')} (and report.md)")
   return 0

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # over t ~ U(0, 1), the expectation the training loss estimates (without text drop).
 EVAL_T_GRID = tuple((k + 0.5) / 8 for k in range(8))
 EVAL_PLOT = "eval_loss.png"
-_EVAL_NOISE_STREAM = 1  # folded into the run seed: eval noise is not any training draw
+_EVAL_NOISE_STREAM = 1  # folded into PRNGKey(seed): a key of its own, not one the step splits
 
 
 class TrainingError(RuntimeError):

@@ -35,3 +35,9 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 # Tests compare against closed forms and reference numbers: keep float32 matmuls exact on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the tests marked `slow` first: with `pytest -n 2`, a multi-minute test dealt out last
+  would leave one worker idle while it runs; started first, the short ones fill in around it."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -227,6 +227,7 @@ def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path, capsys)
   assert not out.exists()  # nothing rendered, trained or written
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_every_step(tmp_path, capsys):
   # The whole demo at smoke size (20 steps per stage, 16 prompts): data, vocabulary, tiny T5,
   # precompute, three trainings, cascade sampling, PNGs, metric. Quality is not asserted here

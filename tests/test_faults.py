@@ -128,6 +128,7 @@ def _kill_train_once(model_dir: str, data_dir: str, mode: str, rng: random.Rando
   return f"{mode}: killed{'' if hit else ' (moment missed)'}"
 
 
+@pytest.mark.slow
 def test_train_survives_sigkills_at_random_moments(data_dir, tmp_path):
   rng = random.Random(SEED)
   reference, soaked = str(tmp_path / "reference"), str(tmp_path / "soaked")
@@ -186,6 +187,7 @@ def _ema_params(model_dir: str, step: int):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_real_job_is_one_line(data_dir, tmp_path):
   """SIGINT once the job has loaded its data (it is compiling): exit 130, one line, no trace."""
   proc = subprocess.Popen(
@@ -268,6 +270,7 @@ def _shard_keys(out: str, split: str) -> list[str]:
   return keys
 
 
+@pytest.mark.slow
 def test_precompute_survives_sigkills_at_random_moments(tmp_path):
   rng = random.Random(SEED + 1)
   vocab = train_helpers.shapes_vocabulary(str(tmp_path))

@@ -173,6 +173,7 @@ def _logged_steps(path):
     return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
   model_dir = str(tmp_path)
   extra = [
@@ -205,6 +206,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
   assert sorted(_keys_by_step(model_dir)) == list(range(1, last_step + 3))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(data_dir, tmp_path):
   """2 processes × 4 CPU devices (gloo, launched by launch/local.py) vs 1 process × 8 devices.
 

@@ -11,7 +11,8 @@ Writes, per stage ('stage_I', 'stage_II'), `<stage>/unet/config.json` and its we
 `diffusion_pytorch_model.fp16.safetensors`, its outputs computed in float32 from the fp16-rounded
 weights), plus `<stage>_io.npz` (inputs and the U-Net's output) and `ddim_trajectory.npz`: diffusers'
 DDIMScheduler with IF's training schedule (squaredcos_cap_v2, 1000 steps) run for 10 steps on
-the stage-I network's ε (its first three output channels).
+the stage-I network's ε (its first three output channels), without and with IF's dynamic
+thresholding percentile (95).
 
 The configs follow diffusers' own IF pipeline tests (tests/pipelines/deepfloyd_if/__init__.py),
 narrowed so both stages stay well under 1 MB: ResnetDownsampleBlock2D / SimpleCrossAttnDownBlock2D /
@@ -109,38 +110,46 @@ def stage_io(unet: UNet2DConditionModel, config: dict, seed: int, sr: bool) -> d
   return io
 
 
-def ddim_trajectory(unet: UNet2DConditionModel, config: dict, num_steps: int = 10) -> dict:
-  """DDIM (η = 0) with IF's schedule on the stage-I network: every step's timestep, ε, x."""
-  sched = DDIMScheduler(
+def _ddim(threshold: bool) -> DDIMScheduler:
+  return DDIMScheduler(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
     clip_sample=False,
-    thresholding=False,
+    thresholding=threshold,
+    # IF's percentile (its scheduler config: ratio 0.95); our dynamic thresholding has no upper
+    # bound on s, so the golden lifts diffusers' sample_max_value (IF: 1.5) out of the way.
+    dynamic_thresholding_ratio=0.95,
+    sample_max_value=1e6,
     set_alpha_to_one=True,  # the last step lands on x̂₀, as our sampler loop's does
     timestep_spacing="trailing",  # t = 999, 899, ...: the first step starts from pure noise
     prediction_type="epsilon",
   )
-  sched.set_timesteps(num_steps)
+
+
+def ddim_trajectory(unet: UNet2DConditionModel, config: dict, num_steps: int = 10) -> dict:
+  """DDIM (η = 0) with IF's schedule on the stage-I network, without and with IF's dynamic
+  thresholding (p = 95): the timesteps, and x after every step (x[0] is the initial noise)."""
   rng = np.random.default_rng(7)
   s = config["sample_size"]
-  x = torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32))
+  x_init = rng.standard_normal((2, 3, s, s)).astype(np.float32)
   text = torch.from_numpy(
     rng.standard_normal((2, TEXT_LEN, config["encoder_hid_dim"])).astype(np.float32)
   )
-  xs, eps_all = [x.numpy()], []
-  with torch.no_grad():
-    for t in sched.timesteps:
-      eps = unet(x, t.expand(2).float(), text).sample[:, :3]
-      x = sched.step(eps, t, x, eta=0.0).prev_sample
-      eps_all.append(eps.numpy())
-      xs.append(x.numpy())
-  return {
-    "timesteps": sched.timesteps.numpy(),
-    "alphas_cumprod": sched.alphas_cumprod.numpy(),
-    "encoder_hidden_states": text.numpy(),
-    "eps": np.stack(eps_all),
-    "x": np.stack(xs),
-  }
+  out = {"encoder_hidden_states": text.numpy()}
+  for key, threshold in (("x", False), ("x_thresholded", True)):
+    sched = _ddim(threshold)
+    sched.set_timesteps(num_steps)
+    x = torch.from_numpy(x_init)
+    xs = [x.numpy()]
+    with torch.no_grad():
+      for t in sched.timesteps:
+        eps = unet(x, t.expand(2).float(), text).sample[:, :3]
+        x = sched.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+        xs.append(x.numpy())
+    out[key] = np.stack(xs)
+  out["timesteps"] = sched.timesteps.numpy()
+  out["alphas_cumprod"] = sched.alphas_cumprod.numpy()
+  return out
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion import discrete
 from imagen_jax.utils.validation import check_choice
 
 # λ is clipped to this range so both endpoints stay finite in float32: sigmoid(±20) is within
@@ -69,6 +70,8 @@ def linear_log_snr(t: jax.Array) -> jax.Array:
 SCHEDULES: dict[str, LogSnrFn] = {
   "cosine": cosine_log_snr,
   "linear": linear_log_snr,
+  # DeepFloyd IF's discrete 1000-step cosine schedule (diffusion/discrete.py).
+  "deepfloyd": lambda t: jnp.clip(discrete.log_snr(t, LOG_SNR_MAX), LOG_SNR_MIN, LOG_SNR_MAX),
 }
 
 

@@ -1,0 +1,187 @@
+"""DeepFloyd IF: parity with diffusers, the checkpoint reader, parameter counts, the schedule.
+
+Goldens come from tools/make_deepfloyd_golden.py (torch + diffusers 0.42.1, not test deps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax.deepfloyd import checkpoints
+from imagen_jax.diffusion import discrete, samplers, schedules
+from imagen_jax.errors import UserError
+from imagen_jax.nn import deepfloyd_unet
+from imagen_jax.stage import Stage, StageConfig
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "deepfloyd")
+PARITY_ATOL = 1e-4  # f32
+
+
+def _nhwc(x: np.ndarray) -> jnp.ndarray:
+  return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+def _io(stage: str) -> dict[str, np.ndarray]:
+  return dict(np.load(os.path.join(GOLDEN, f"{stage}_io.npz")))
+
+
+def _apply(network, params, io):
+  args = [
+    _nhwc(io["sample"]),
+    jnp.asarray(io["timestep"]),
+    jnp.asarray(io["encoder_hidden_states"]),
+  ]
+  if "class_labels" in io:
+    args.append(jnp.asarray(io["class_labels"]))
+  return np.asarray(network.apply({"params": params}, *args))
+
+
+@pytest.mark.parametrize("stage", ["stage_I", "stage_II"])
+def test_parity_with_diffusers(stage):
+  network, params = checkpoints.load(os.path.join(GOLDEN, stage))
+  io = _io(stage)
+  out = _apply(network, params, io)
+  ref = io["output"].transpose(0, 2, 3, 1)
+  err = float(np.max(np.abs(out - ref)))
+  print(f"{stage}: max |ours - diffusers| = {err:.2e} (output scale {np.abs(ref).max():.2f})")
+  assert out.shape == ref.shape
+  assert err < PARITY_ATOL
+
+
+def test_stage_ii_is_the_fp16_variant_and_class_embedding_matters():
+  files = os.listdir(os.path.join(GOLDEN, "stage_II", "unet"))
+  assert "diffusion_pytorch_model.fp16.safetensors" in files
+  network, params = checkpoints.load(os.path.join(GOLDEN, "stage_II"))
+  assert network.class_embed and network.resnet_skip_time_act
+  io = _io("stage_II")
+  io["class_labels"] = io["class_labels"] + 100.0
+  assert np.max(np.abs(_apply(network, params, io) - io["output"].transpose(0, 2, 3, 1))) > 1e-2
+
+
+def test_sharded_index_loads_the_same_params(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  src = os.path.join(GOLDEN, "stage_I", "unet")
+  dst = tmp_path / "stage" / "unet"
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, "config.json"), dst / "config.json")
+  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  names = sorted(tensors)
+  weight_map = {}
+  for s, part in enumerate((names[::2], names[1::2])):
+    file = f"diffusion_pytorch_model-{s + 1:05d}-of-00002.safetensors"
+    save_file({k: tensors[k] for k in part}, str(dst / file))
+    weight_map.update({k: file for k in part})
+  with open(dst / "diffusion_pytorch_model.safetensors.index.json", "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  _, want = checkpoints.load(os.path.join(GOLDEN, "stage_I"))
+  _, got = checkpoints.load(str(tmp_path / "stage"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  # bf16 placement: the reader casts.
+  _, bf = checkpoints.load(str(tmp_path / "stage"), dtype=jnp.bfloat16)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(bf)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_reader_errors(tmp_path):
+  with pytest.raises(UserError, match="no unet/config.json"):
+    checkpoints.read_config(str(tmp_path))
+  config = checkpoints.read_config(os.path.join(GOLDEN, "stage_I"))
+  with pytest.raises(UserError, match="resnet_time_scale_shift='default' is not supported"):
+    checkpoints.network_from_config({**config, "resnet_time_scale_shift": "default"})
+  # A config that does not match the weights (wider first level).
+  bad = tmp_path / "bad" / "unet"
+  os.makedirs(bad)
+  with open(bad / "config.json", "w") as f:
+    json.dump({**config, "block_out_channels": [16, 16]}, f)
+  shutil.copy(os.path.join(GOLDEN, "stage_I", "unet", "diffusion_pytorch_model.safetensors"), bad)
+  with pytest.raises(UserError, match="has shape .* expected"):
+    checkpoints.load(str(tmp_path / "bad"))
+  os.remove(bad / "diffusion_pytorch_model.safetensors")
+  with pytest.raises(UserError, match="no diffusion_pytorch_model"):
+    checkpoints.load(str(tmp_path / "bad"))
+
+
+def test_logical_axes_and_bf16_remat_close_to_f32():
+  network, params = checkpoints.load(os.path.join(GOLDEN, "stage_I"))
+  boxed = checkpoints.abstract_params(network)
+  conv = boxed["down_blocks.0.resnets.0"]["conv1"]["kernel"]
+  assert conv.names == ("conv_height", "conv_width", "conv_in", "conv_out")
+  io = _io("stage_I")
+  fast = network.clone(dtype=jnp.bfloat16, remat=True)
+  out32, out16 = _apply(network, params, io), _apply(fast, params, io)
+  assert out16.dtype == np.float32
+  err = np.max(np.abs(out16 - out32)) / np.max(np.abs(out32))
+  assert 0 < err < 0.05, err
+
+
+@pytest.mark.parametrize(("name", "billions"), [("IF-I-XL-v1.0", 4.3), ("IF-II-L-v1.0", 1.2)])
+def test_published_parameter_counts(name, billions):
+  with open(os.path.join(GOLDEN, "published_configs.json")) as f:
+    config = json.load(f)[name]
+  count = checkpoints.param_count(checkpoints.network_from_config(config))
+  print(f"{name}: {count:,} parameters ({count / 1e9:.3f}B; model card {billions}B)")
+  assert abs(count / 1e9 - billions) / billions < 0.03
+
+
+def test_discrete_schedule_matches_diffusers_and_inverts():
+  golden = np.load(os.path.join(GOLDEN, "ddim_trajectory.npz"))
+  np.testing.assert_allclose(discrete.alphas_cumprod(), golden["alphas_cumprod"], rtol=1e-5)
+  n = jnp.arange(1000, dtype=jnp.float32)
+  lam = schedules.get_schedule("deepfloyd")((n + 1.0) / 1000.0)
+  acp = np.asarray(jax.nn.sigmoid(lam))
+  np.testing.assert_allclose(acp, golden["alphas_cumprod"], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(discrete.timestep_from_log_snr(lam)), n, atol=2e-3)
+  # t = 0 is clean data; λ decreases monotonically in t.
+  assert float(schedules.get_schedule("deepfloyd")(jnp.zeros(()))) == schedules.LOG_SNR_MAX
+  assert np.all(np.diff(np.asarray(lam)) < 0)
+
+
+@pytest.mark.parametrize("key", ["x", "x_thresholded"])
+def test_our_ddim_on_the_adapter_reproduces_diffusers_ddim(key):
+  """Without thresholding x̂₀ from t = 999 is ~7e4 (random weights), so x is compared relative
+  to its scale; with IF's p = 95 dynamic thresholding x stays O(1) and is compared absolutely."""
+  golden = np.load(os.path.join(GOLDEN, "ddim_trajectory.npz"))
+  unet, params = checkpoints.load(os.path.join(GOLDEN, "stage_I"))
+  stage = Stage(
+    deepfloyd_unet.DeepFloydStageNet(unet),
+    StageConfig(name="if_I", resolution=8, schedule="deepfloyd"),
+  )
+  steps = len(golden["timesteps"])
+  config = samplers.SamplerConfig(
+    sampler="ddim",
+    num_steps=steps,
+    schedule="deepfloyd",
+    thresholding="dynamic" if key == "x_thresholded" else "none",
+    percentile=discrete.IF_THRESHOLD_PERCENTILE,
+  )
+  grid = samplers.log_snr_grid(schedules.get_schedule("deepfloyd"), steps, "uniform_t")
+  np.testing.assert_allclose(
+    np.asarray(discrete.timestep_from_log_snr(grid[:-1])), golden["timesteps"], atol=2e-3
+  )
+  text = jnp.asarray(golden["encoder_hidden_states"])
+  cond = {"text_emb": text, "text_mask": jnp.ones(text.shape[:2], bool)}
+  x_t = _nhwc(golden["x"][0])
+  _, path = samplers.sample(
+    stage.model_fn,
+    {"unet": params},
+    cond,
+    None,
+    jax.random.key(0),
+    x_t.shape,
+    config,
+    init_noise=x_t,
+    return_intermediates=True,
+  )
+  want = golden[key][1:].transpose(0, 1, 3, 4, 2)
+  err = np.max(np.abs(np.asarray(path) - want), axis=(1, 2, 3, 4)) / np.max(np.abs(want))
+  print(
+    f"DDIM ({key}) max |ours - diffusers| / max |x| per step:", " ".join(f"{e:.1e}" for e in err)
+  )
+  assert np.max(err) < 1e-5

@@ -18,7 +18,6 @@ unconditional branch of classifier-free guidance.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from flax import linen as nn
 from imagen_jax import parallel
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import thresholding as thresholding_lib
-from imagen_jax.stage import Stage, StageConfig
+from imagen_jax.stage import Stage, StageConfig, stage_from_spec, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -134,77 +133,9 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 # ================================================================================================
-# Stage specs: everything needed to rebuild a stage's network and recipe (JSON-able)
+# Stage specs (the codec is `imagen_jax.stage`'s; a checkpoint older than its stage_spec item is
+# read back through its gin config)
 # ================================================================================================
-
-
-def _json_value(value: Any) -> Any:
-  if value is None or isinstance(value, bool | int | float | str):
-    return value
-  if isinstance(value, tuple | list):
-    return [_json_value(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _json_value(v) for k, v in value.items()}
-  try:  # dtypes (jnp.float32, 'bfloat16', np.dtype) are stored by name
-    return {"__dtype__": jnp.dtype(value).name}
-  except TypeError as e:
-    raise ValueError(f"network field value {value!r} cannot be stored in stage.json") from e
-
-
-def _from_json_value(value: Any) -> Any:
-  if isinstance(value, list):
-    return tuple(_from_json_value(v) for v in value)
-  if isinstance(value, dict):
-    if set(value) == {"__dtype__"}:
-      return jnp.dtype(value["__dtype__"])
-    return {k: _from_json_value(v) for k, v in value.items()}
-  return value
-
-
-def stage_spec(
-  network: nn.Module,
-  config: StageConfig,
-  max_length: int,
-  text_dim: int,
-  **extra: Any,
-) -> dict[str, Any]:
-  """The JSON-able description of a stage (what `stage.json` holds).
-
-  Args:
-    network: the stage's U-Net module.
-    config: its StageConfig.
-    max_length / text_dim: the text condition's length and width it was trained with.
-    **extra: more JSON-able fields (e.g. source model_dir and step).
-
-  Returns:
-    {stage_config, network: {class, fields}, max_length, text_dim, ...extra}.
-  """
-  cls = type(network)
-  fields = {
-    k: _json_value(getattr(network, k))
-    for k in cls.__dataclass_fields__
-    if k not in ("parent", "name")
-  }
-  return {
-    "stage_config": dataclasses.asdict(config),
-    "network": {"class": f"{cls.__module__}.{cls.__qualname__}", "fields": fields},
-    "max_length": int(max_length),
-    "text_dim": int(text_dim),
-    **extra,
-  }
-
-
-def stage_from_spec(spec: dict[str, Any]) -> Stage:
-  """Rebuilds the `Stage` a `stage_spec` describes."""
-  module_name, _, cls_name = spec["network"]["class"].rpartition(".")
-  if not module_name.startswith("imagen_jax."):
-    raise ValueError(f"stage spec network class {spec['network']['class']!r} is not imagen_jax's")
-  cls = getattr(importlib.import_module(module_name), cls_name)
-  fields = {k: _from_json_value(v) for k, v in spec["network"]["fields"].items()}
-  config_fields = {
-    k: tuple(v) if isinstance(v, list) else v for k, v in spec["stage_config"].items()
-  }
-  return Stage(cls(**fields), StageConfig(**config_fields))
 
 
 def _gin_value(selector: str) -> Any:
@@ -302,7 +233,11 @@ def load_stage_dir(model_dir: str, step: int | None = None) -> CascadeStage:
 
   def load(s: int) -> tuple[dict[str, Any], Stage, Any]:
     source = {"model_dir": os.path.abspath(model_dir), "step": int(s)}
-    spec = stage_spec_from_gin(ckpt.read_config(s), source=source)
+    saved = ckpt.read_stage_spec(s)
+    if saved is None:  # a step saved before checkpoints held their stage spec
+      spec = stage_spec_from_gin(ckpt.read_config(s), source=source)
+    else:
+      spec = {**saved, "source": source}
     stage = stage_from_spec(spec)
     abstract = abstract_params(stage, spec["max_length"], spec["text_dim"])
     return spec, stage, ckpt.restore_ema_params(s, abstract)

@@ -5,6 +5,9 @@ A checkpoint is a step directory with named items:
   ema_params     the EMA parameters (what sampling and export read)
   data_iterator  the input iterator's JSON state (so resume continues with the next batch)
   config         the operative gin config, as text inside JSON
+  stage_spec     the stage's spec (`imagen_jax.stage.stage_spec`: network class + fields,
+                 StageConfig, text length/width), so readers rebuild the stage without gin;
+                 steps saved before it existed have no such item (readers fall back to config)
 Saves are asynchronous; only finalized step directories count. Paths may be local or gs://.
 
 Every reader goes through `Checkpointer.load_newest`: the newest step that loads, falling back
@@ -20,12 +23,13 @@ from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from imagen_jax import errors
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("state", "ema_params", "data_iterator", "config")
+ITEMS = ("state", "ema_params", "data_iterator", "config", "stage_spec")
 CORRUPT_PREFIX = "corrupt."  # a step moved aside: `corrupt.<step>`, which orbax does not count
 _REASON_CHARS = 300
 
@@ -107,15 +111,18 @@ class Checkpointer:
     data_iterator_state: dict,
     config_text: str,
     force: bool = False,
+    stage_spec: dict[str, Any] | None = None,
   ) -> bool:
     """Saves all items at `step` (asynchronously); returns whether a save started."""
-    args = ocp.args.Composite(
+    items = dict(
       state=ocp.args.StandardSave(state),
       ema_params=ocp.args.StandardSave(ema_params),
       data_iterator=ocp.args.JsonSave(data_iterator_state),
       config=ocp.args.JsonSave({"gin": config_text}),
     )
-    return bool(self._manager.save(step, args=args, force=force))
+    if stage_spec is not None:
+      items["stage_spec"] = ocp.args.JsonSave(stage_spec)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
 
   def should_save(self, step: int) -> bool:
     return bool(self._manager.should_save(step))
@@ -280,6 +287,12 @@ class Checkpointer:
       return self._restore_items(s, config=ocp.args.JsonRestore())["config"]["gin"]
 
     return self._at_or_newest(read, step)
+
+  def read_stage_spec(self, step: int) -> dict[str, Any] | None:
+    """The stage spec saved with `step`; None for a step saved before that item existed."""
+    if not (epath.Path(self.directory) / str(step) / "stage_spec").exists():
+      return None
+    return self._restore_items(step, stage_spec=ocp.args.JsonRestore())["stage_spec"]
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

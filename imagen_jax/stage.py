@@ -13,6 +13,7 @@ Batches are dicts of batch-major arrays:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 import jax
@@ -342,3 +343,79 @@ class Stage:
       sampler_config,
       init_noise,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage spec: everything needed to rebuild a stage (network class + fields, StageConfig,
+# text length and width) as JSON. Training saves it as a checkpoint item; bundles hold it as
+# stage.json; readers rebuild the stage from it without gin.
+# ------------------------------------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, tuple | list):
+    return [_json_value(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _json_value(v) for k, v in value.items()}
+  try:  # dtypes (jnp.float32, 'bfloat16', np.dtype) are stored by name
+    return {"__dtype__": jnp.dtype(value).name}
+  except TypeError as e:
+    raise ValueError(f"network field value {value!r} cannot be stored in a stage spec") from e
+
+
+def _from_json_value(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_from_json_value(v) for v in value)
+  if isinstance(value, dict):
+    if set(value) == {"__dtype__"}:
+      return jnp.dtype(value["__dtype__"])
+    return {k: _from_json_value(v) for k, v in value.items()}
+  return value
+
+
+def stage_spec(
+  network: nn.Module,
+  config: StageConfig,
+  max_length: int,
+  text_dim: int,
+  **extra: Any,
+) -> dict[str, Any]:
+  """The JSON-able description of a stage (what `stage.json` holds).
+
+  Args:
+    network: the stage's U-Net module.
+    config: its StageConfig.
+    max_length / text_dim: the text condition's length and width it was trained with.
+    **extra: more JSON-able fields (e.g. source model_dir and step).
+
+  Returns:
+    {stage_config, network: {class, fields}, max_length, text_dim, ...extra}.
+  """
+  cls = type(network)
+  fields = {
+    k: _json_value(getattr(network, k))
+    for k in cls.__dataclass_fields__
+    if k not in ("parent", "name")
+  }
+  return {
+    "stage_config": dataclasses.asdict(config),
+    "network": {"class": f"{cls.__module__}.{cls.__qualname__}", "fields": fields},
+    "max_length": int(max_length),
+    "text_dim": int(text_dim),
+    **extra,
+  }
+
+
+def stage_from_spec(spec: dict[str, Any]) -> Stage:
+  """Rebuilds the `Stage` a `stage_spec` describes."""
+  module_name, _, cls_name = spec["network"]["class"].rpartition(".")
+  if not module_name.startswith("imagen_jax."):
+    raise ValueError(f"stage spec network class {spec['network']['class']!r} is not imagen_jax's")
+  cls = getattr(importlib.import_module(module_name), cls_name)
+  fields = {k: _from_json_value(v) for k, v in spec["network"]["fields"].items()}
+  config_fields = {
+    k: tuple(v) if isinstance(v, list) else v for k, v in spec["stage_config"].items()
+  }
+  return Stage(cls(**fields), StageConfig(**config_fields))

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from imagen_jax import checkpoints, errors, images, parallel, perf
 from imagen_jax.diffusion import samplers
-from imagen_jax.stage import Stage, StageConfig
+from imagen_jax.stage import Stage, StageConfig, stage_spec
 from imagen_jax.training import program as train_program
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,9 @@ def train(
     if is_main:
       log.info("resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start)
   config_text = _operative_config()
+  # Saved with every checkpoint: readers rebuild the stage from it, not from this function's
+  # gin selectors.
+  spec = stage_spec(network, stage, max_length, text_dim, data_dir=data_dir)
   start_step = int(state.step)
 
   # --- loop --------------------------------------------------------------------------------
@@ -346,6 +349,7 @@ def train(
       data_iter.get_state(),
       config_text,
       force=force,
+      stage_spec=spec,
     )
     if saved and is_main:
       log.info("checkpoint step %d → %s", step, ckpt.directory)

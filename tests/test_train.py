@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import checkpoints, errors, gin_utils, train
+from imagen_jax import cascade, checkpoints, errors, gin_utils, train
 from tests import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +96,14 @@ def test_tiny_stage_loss_falls(stage_gin, data_dir, tmp_path):
   losses = [m["loss"] for m in _metrics(str(tmp_path))]
   first, last = losses[0], np.mean(losses[-3:])
   assert last < 0.6 * first, f"loss did not fall: {losses}"
+  # The checkpoint holds the stage spec, equal to what its gin config describes.
+  ckpt = checkpoints.Checkpointer(os.path.join(tmp_path, "checkpoints"), async_save=False)
+  try:
+    step = ckpt.latest_step()
+    saved, config_text = ckpt.read_stage_spec(step), ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  assert saved == json.loads(json.dumps(cascade.stage_spec_from_gin(config_text)))
 
 
 def test_train_job_runs_the_program_compile_reports(data_dir, tmp_path, caplog):

@@ -4,7 +4,9 @@
 loop) for a TPU topology without devices, then reports through `CompileReport`:
   - per-chip bytes from `memory_analysis()`: arguments, outputs, temporaries, code, minus what
     donation aliases; compared with the chip's HBM and a required headroom (XLA's runtime and
-    fragmentation need some: a program at 99% of HBM does not run);
+    fragmentation need some: a program at 99% of HBM does not run). The TPU compiler trades
+    time for memory (rematerialisation) until a program fits its limit, so a program fits with
+    headroom only if it compiles under a limit lowered by that headroom: `compile_or_explain`;
   - FLOPs and bytes accessed per chip from `cost_analysis()`;
   - a roofline bound on the step time, max(FLOPs / peak, bytes / HBM bandwidth), and the
     compiler's own `optimal_seconds` only where it is positive and not below the roofline
@@ -74,24 +76,64 @@ class DoesNotFit(Exception):
   """The TPU compiler itself refused the program for lack of HBM."""
 
 
-def compile_or_explain(lowered: Any, num_microbatches: int) -> Any:
-  """Compiles; a program the TPU compiler cannot place in HBM becomes one DoesNotFit line."""
+# libtpu's cap on the HBM one program may use (MiB). The compiler rematerialises and reorders
+# until a program fits under its limit, so a program compiled at the full limit always sits near
+# it: headroom can only be shown by compiling under a lower one. The cap never raises the
+# compiler's own default limit (30.75 GiB of a v4's 32: 32768 MiB still reports 30.75G).
+HBM_LIMIT_FLAG = "xla_tpu_max_hbm_size_mib"
+MIB = 2**20
+
+
+def hbm_limit_bytes(hbm_bytes: int, headroom: float) -> int:
+  """The per-chip limit a program must compile under to leave `headroom` of HBM free."""
+  return int((1.0 - headroom) * hbm_bytes) // MIB * MIB
+
+
+# The two forms of libtpu's CompileTimeHbmOom: a peak found before scheduling, and one after.
+_NEED = re.compile(r"required for ([^(]+)\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)")
+_USED = re.compile(r"Used ([\d.]+\w?) of ([\d.]+\w?) hbm")
+
+
+def _oom_detail(text: str) -> str:
+  if need := _NEED.search(text):
+    return (
+      f"the TPU compiler needs {need.group(2)} for {need.group(1).strip()} alone and "
+      f"{need.group(3)} of HBM is available"
+    )
+  if used := _USED.search(text):
+    return f"the TPU compiler needs {used.group(1)} and {used.group(2)} of HBM is available"
+  return text.splitlines()[0]
+
+
+def _compile(lowered: Any, limit_bytes: int | None, where: str, advice: str) -> Any:
+  options = {} if limit_bytes is None else {HBM_LIMIT_FLAG: str(limit_bytes // MIB)}
   try:
-    return lowered.compile()
+    return lowered.compile(compiler_options=options)
   except Exception as e:  # XlaRuntimeError; its text is all the compiler gives
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
       raise
-    need = re.search(
-      r"required for ([^(]+)\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text
-    )
-    detail = (
-      f"the TPU compiler needs {need.group(2)} for {need.group(1).strip()} alone and "
-      f"{need.group(3)} of HBM is available"
-      if need
-      else text.splitlines()[0]
-    )
-    raise DoesNotFit(f"does not fit: {detail}; {fit_advice(num_microbatches)}") from None
+    raise DoesNotFit(f"does not fit{where}: {_oom_detail(text)}; {advice}") from None
+
+
+def compile_or_explain(
+  lowered: Any, num_microbatches: int, limit_bytes: int | None = None, where: str = ""
+) -> Any:
+  """Compiles (under `limit_bytes` of HBM per chip when given: TPU targets only); a program the
+  TPU compiler cannot place becomes one DoesNotFit line (`where` names the limit in it).
+
+  The compiler's limit covers arguments and temporaries, not the program's code, which also
+  lives in HBM: when the code pushes a program that met the limit past it, the program is
+  compiled once more under the limit less the code (code size barely depends on the limit).
+  """
+  advice = fit_advice(num_microbatches)
+  compiled = _compile(lowered, limit_bytes, where, advice)
+  if limit_bytes is None:
+    return compiled
+  costs = program_costs(compiled)
+  if costs["total_bytes"] > limit_bytes:
+    compiled = _compile(lowered, limit_bytes - costs["code_bytes"], where, advice)
+  return compiled
 
 
 @dataclasses.dataclass
@@ -127,11 +169,16 @@ class CompileReport:
     return self.generation.hbm_bytes if self.generation else None
 
   @property
+  def limit_bytes(self) -> int | None:
+    """The per-chip HBM the program was compiled under: all of HBM less the headroom."""
+    return hbm_limit_bytes(self.hbm_bytes, self.headroom) if self.hbm_bytes else None
+
+  @property
   def fits(self) -> bool | None:
     """Whether the per-chip total leaves the required headroom (None off TPU)."""
     if self.hbm_bytes is None:
       return None
-    return self.costs["total_bytes"] <= (1.0 - self.headroom) * self.hbm_bytes
+    return self.costs["total_bytes"] <= self.limit_bytes
 
   @property
   def compute_s(self) -> float | None:
@@ -179,7 +226,10 @@ class CompileReport:
     hbm = self.hbm_bytes / GIB
     share = self.costs["total_bytes"] / self.hbm_bytes
     if self.fits:
-      return f"fits: {total:.2f} GiB of {hbm:.0f} GiB per chip ({100 * (1 - share):.0f}% headroom)"
+      return (
+        f"fits: {total:.2f} GiB of {hbm:.0f} GiB per chip ({100 * (1 - share):.0f}% headroom; "
+        f"compiled under {self.limit_bytes / GIB:.2f} GiB)"
+      )
     return (
       f"does not fit: {total:.2f} GiB of {hbm:.0f} GiB per chip, {100 * self.headroom:.0f}% "
       f"headroom required; {fit_advice(self.num_microbatches)}"
@@ -234,6 +284,7 @@ class CompileReport:
     out["generation"] = self.generation.name if self.generation else None
     for key in (
       "hbm_bytes",
+      "limit_bytes",
       "fits",
       "compute_s",
       "memory_s",

@@ -9,7 +9,9 @@ The step is the training job's own (`training.program.build_train_program`, fed 
 by libtpu for the topology the preset names (or `--topology`): nothing is allocated or run.
 The report gives per-chip memory against HBM, FLOPs, a roofline step time, images/s and an MFU
 bound; the exit status is 0 when the program fits with the required headroom, 1 when it does
-not, 2 for a bad config (reported before compiling).
+not, 2 for a bad config (reported before compiling). A TPU program is compiled under an HBM
+limit of (1 - headroom) x the chip's HBM: the compiler rematerialises until a program meets its
+limit, so only a lowered limit shows headroom.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "--headroom",
     type=float,
     default=0.10,
-    help="HBM fraction that must stay free for the program to count as fitting (default 0.10)",
+    help="HBM fraction that must stay free: a TPU program is compiled under (1 - headroom) x "
+    "HBM per chip, so the compiler cannot spend it on rematerialisation (default 0.10)",
   )
   parser.add_argument("--json_out", default=None, help="also write the report(s) as JSON here")
   parser.add_argument("--hlo_out", default=None, help="write the compiled train step's HLO here")
@@ -193,7 +196,9 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   stage = Stage(bindings["network"], bindings["stage"])
   t0 = time.perf_counter()
   program = train_program.build_train_program(stage, optimizer, mesh, settings)
-  compiled = aot.compile_or_explain(program.lowered, settings.num_microbatches)
+  compiled = aot.compile_or_explain(
+    program.lowered, settings.num_microbatches, *_hbm_limit(target, args.headroom)
+  )
   compile_s = time.perf_counter() - t0
   costs = aot.program_costs(compiled)
   notes = target.notes + _network_notes(stage.network)
@@ -229,6 +234,20 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
     notes=notes,
   )
   return report, (program, mesh, target)
+
+
+def _hbm_limit(target: Target, headroom: float) -> tuple[int | None, str]:
+  """The per-chip HBM limit a TPU program is compiled under, and its words for a refusal."""
+  from imagen_jax import aot
+
+  if target.compiled_on is None:
+    return None, ""
+  hbm = target.compiled_on.generation.hbm_bytes
+  limit = aot.hbm_limit_bytes(hbm, headroom)
+  return limit, (
+    f" in {limit / 2**30:.2f} GiB per chip ({hbm / 2**30:.0f} GiB HBM less "
+    f"{100 * headroom:g}% headroom, --headroom)"
+  )
 
 
 def _network_notes(network) -> list[str]:

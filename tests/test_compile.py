@@ -22,6 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_DIR = os.path.join(REPO, "configs", "mesh")
 POD_PRESETS = sorted(f[: -len(".gin")] for f in os.listdir(MESH_DIR) if not f.startswith("cpu"))
 TINY = ["configs/stages/tiny_base.gin", "configs/mesh/cpu.gin"]
+# The tiny stage's U-Net cut to one 16 px level with one attention block: a TPU compile of its
+# step takes a fraction of the full tiny net's. Its narrowest arrays still have 32 channels.
+SMALL_NET = [
+  "unet.UNet.channel_mult=(1,)",
+  "unet.UNet.attention_resolutions=(16,)",
+]
 
 
 def _args(gin_files, bindings=(), **flags) -> argparse.Namespace:
@@ -148,16 +154,16 @@ def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsy
   narrowest arrays have 32 channels, so TPU bytes are between 1× and 4× the CPU's. The FLOPs
   agree within 1.5× (both count the same convolutions and matmuls; fusion changes the rest)."""
   out = tmp_path / "tpu.json"
-  status = compile_cli.run(_args(TINY, topology="v4-8", json_out=str(out)))
+  status = compile_cli.run(_args(TINY, SMALL_NET, topology="v4-8", json_out=str(out)))
   text = capsys.readouterr().out
   assert status == 0
   tpu = json.loads(out.read_text())[0]
   assert tpu["target"] == "v4-8" and tpu["chips"] == 4 and tpu["mesh"]["data"] == 4
   assert tpu["fits"] is True and "fits:" in text and "GiB of 32 GiB per chip" in text
-  assert tpu["hbm_bytes"] == 32 * 2**30
+  assert tpu["hbm_bytes"] == 32 * 2**30 and "compiled under 28.80 GiB" in text
   assert tpu["roofline_s"] > 0 and tpu["images_per_s_per_chip"] > 0
   cpu_out = tmp_path / "cpu.json"
-  bindings = ["parallel.MeshConfig.max_devices = 4"]
+  bindings = [*SMALL_NET, "parallel.MeshConfig.max_devices = 4"]
   assert compile_cli.run(_args(TINY, bindings, json_out=str(cpu_out))) == 0
   cpu = json.loads(cpu_out.read_text())[0]
   assert cpu["fits"] is None and cpu["per_device_batch"] == tpu["per_device_batch"]
@@ -166,6 +172,23 @@ def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsy
   assert 1.0 <= padding <= 4.0, padding
   ratio = tpu["costs"]["flops"] / cpu["costs"]["flops"]
   assert 1 / 1.5 < ratio < 1.5, ratio
+
+
+def test_headroom_is_the_limit_the_tpu_compiler_must_meet(capsys):
+  """The compiler rematerialises until a program fits its HBM limit, so headroom is checked by
+  lowering that limit: (1 - headroom) × HBM, whole MiB. The small step at its batch of 16 needs
+  more than 16 MiB per chip, and compiles at --headroom=0.1 (the test above); at
+  --headroom=0.9995 the compiler is held to 16 MiB and refuses it itself."""
+  from imagen_jax import aot
+
+  assert aot.hbm_limit_bytes(32 * 2**30, 0.10) == 29491 * 2**20  # 28.8 GiB
+  assert aot.hbm_limit_bytes(32 * 2**30, 0.9995) == 16 * 2**20
+  status = compile_cli.run(_args(TINY, SMALL_NET, topology="v4-8", headroom=0.9995))
+  err = capsys.readouterr().err
+  assert status == 1 and err.count("\n") == 1, err
+  assert "does not fit in 0.02 GiB per chip (32 GiB HBM less 99.95% headroom" in err, err
+  # libtpu's own words, parsed: its limit is the one we set.
+  assert re.search(r"the TPU compiler needs [\d.]+M.* and 16.00M of HBM is available", err), err
 
 
 def test_per_device_batch_too_large_for_the_chip_does_not_fit(tmp_path):
@@ -179,13 +202,17 @@ def test_per_device_batch_too_large_for_the_chip_does_not_fit(tmp_path):
     *[f"--gin_file={f}" for f in TINY],
     "--topology=v4-8",
     "--gin.train.train.batch_size=262144",
+    *[f"--gin.{b}" for b in SMALL_NET],
   ]
   r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
   assert r.returncode == 1, r.stderr[-2000:]
   lines = [x for x in r.stderr.strip().splitlines() if x.startswith("imagen-jax")]
   assert len(lines) == 1 and "Traceback" not in r.stderr
   # The TPU compiler refuses it itself ("CompileTimeHbmOom"), naming the bytes it needs.
-  assert re.search(r"does not fit: the TPU compiler needs [\d.]+G for HLO temporaries", lines[0])
+  assert re.search(
+    r"does not fit in 28.80 GiB per chip .*: the TPU compiler needs [\d.]+G for HLO temporaries",
+    lines[0],
+  )
   assert "num_microbatches=2" in lines[0]
 
 

@@ -226,6 +226,10 @@ def load_stage_dir(model_dir: str, step: int | None = None) -> CascadeStage:
   """
   from imagen_jax import checkpoints, errors
 
+  if model_dir.startswith("if:"):  # a DeepFloyd IF dir (diffusers layout): deepfloyd/stages.py
+    from imagen_jax.deepfloyd import stages as if_stages
+
+    return CascadeStage(*if_stages.if_stage(model_dir))
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"stage dir {model_dir!r} has no checkpoints/ directory")
@@ -473,7 +477,7 @@ class Cascade:
     the vocabulary found beside the data, unless given (`encoder`) or overridden. `mesh` lays
     out this process's devices (see `Cascade`); the encoder runs on the same mesh.
     """
-    missing = [d for d in stage_dirs if not os.path.isdir(d)]
+    missing = [d for d in stage_dirs if not os.path.isdir(d.removeprefix("if:"))]
     if missing:
       raise FileNotFoundError(f"stage dirs do not exist: {missing}")
     stages = [load_stage_dir(d) for d in stage_dirs]

@@ -247,3 +247,30 @@ def test_fine_tuning_from_if_weights_lowers_the_loss():
     losses.append(float(loss))
   print("IF fine-tune losses:", " ".join(f"{v:.4f}" for v in losses))
   assert losses[-1] < 0.8 * losses[0]
+
+
+def test_cascade_from_if_stage_dirs(tmp_path):
+  """`Cascade.from_stage_dirs` takes `if:PATH` entries (the `--stage_dirs=if:I,if:II` hook)."""
+  import types
+
+  from imagen_jax import cascade
+
+  # IF-II's factor 4 from stage I's 8 px: stage II at 32 px (the network is convolutional).
+  sr_dir = tmp_path / "IF-II"
+  shutil.copytree(os.path.join(GOLDEN, "stage_II"), sr_dir)
+  config = checkpoints.read_config(str(sr_dir))
+  with open(sr_dir / "unet" / "config.json", "w") as f:
+    json.dump({**config, "sample_size": 32}, f)
+  encoder = types.SimpleNamespace(width=24, max_length=stages.IF_TEXT_LENGTH)
+  chain = cascade.Cascade.from_stage_dirs(
+    ["if:" + os.path.join(GOLDEN, "stage_I"), f"if:{sr_dir}"], encoder=encoder
+  )
+  assert [s.config.resolution for s in chain.stages] == [8, 32]
+  assert chain.stages[1].config.lowres_resolution == 8
+  text = np.random.default_rng(1).standard_normal((2, 77, 24)).astype(np.float32)
+  out = chain.sample_embeddings(
+    text, np.ones((2, 77), bool), [5, 6], cascade.StageSampling(num_steps=3)
+  )
+  assert out.images.shape == (2, 32, 32, 3) and np.all(np.isfinite(out.images))
+  with pytest.raises(FileNotFoundError, match="do not exist"):
+    cascade.Cascade.from_stage_dirs([f"if:{tmp_path / 'nope'}"], encoder=encoder)

@@ -274,3 +274,20 @@ def test_cascade_from_if_stage_dirs(tmp_path):
   assert out.images.shape == (2, 32, 32, 3) and np.all(np.isfinite(out.images))
   with pytest.raises(FileNotFoundError, match="do not exist"):
     cascade.Cascade.from_stage_dirs([f"if:{tmp_path / 'nope'}"], encoder=encoder)
+
+
+def test_load_params_straight_into_shardings():
+  from flax import traverse_util
+
+  from imagen_jax import parallel
+
+  path = os.path.join(GOLDEN, "stage_I")
+  network, want = checkpoints.load(path)
+  mesh = parallel.SamplingMesh(parallel.MeshConfig(data=1, fsdp=2, model=4))
+  shardings = mesh.param_shardings(checkpoints.init_fn(network))
+  flat = traverse_util.flatten_dict(shardings, sep="/")
+  got = checkpoints.load_params(path, network, shardings=flat)
+  kernel = got["down_blocks.1.resnets.0"]["conv2"]["kernel"]  # [3, 3, 16, 16]: fsdp x model
+  assert kernel.sharding.spec == flat["down_blocks.1.resnets.0/conv2/kernel"].spec
+  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 8, 4)}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)

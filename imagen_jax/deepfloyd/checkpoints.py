@@ -127,18 +127,23 @@ def network_from_config(
     ) from e
 
 
-def abstract_params(network: deepfloyd_unet.DeepFloydUNet, text_length: int = 77) -> Any:
-  """The network's (logically boxed) params as ShapeDtypeStructs: nothing allocated."""
+def init_fn(network: deepfloyd_unet.DeepFloydUNet, text_length: int = 77):
+  """A no-argument function returning the network's (logically boxed) initial params; for
+  `jax.eval_shape` or `parallel.SamplingMesh.param_shardings`."""
   s = network.sample_size
-  b = 1
-  args = [
-    jax.ShapeDtypeStruct((b, s, s, network.in_channels), jnp.float32),
-    jax.ShapeDtypeStruct((b,), jnp.float32),
-    jax.ShapeDtypeStruct((b, text_length, network.encoder_hid_dim), jnp.float32),
+  inputs = [
+    jnp.zeros((1, s, s, network.in_channels), jnp.float32),
+    jnp.zeros((1,), jnp.float32),
+    jnp.zeros((1, text_length, network.encoder_hid_dim), jnp.float32),
   ]
   if network.class_embed:
-    args.append(jax.ShapeDtypeStruct((b,), jnp.float32))
-  return jax.eval_shape(lambda *a: network.init(jax.random.key(0), *a)["params"], *args)
+    inputs.append(jnp.zeros((1,), jnp.float32))
+  return lambda: network.init(jax.random.key(0), *inputs)["params"]
+
+
+def abstract_params(network: deepfloyd_unet.DeepFloydUNet, text_length: int = 77) -> Any:
+  """The network's (logically boxed) params as ShapeDtypeStructs: nothing allocated."""
+  return jax.eval_shape(init_fn(network, text_length))
 
 
 def param_count(network: deepfloyd_unet.DeepFloydUNet) -> int:

@@ -2,6 +2,7 @@
 
   python benchmarks/tpu_aot.py [--only=base64:v4-256,sr256:v4-128] [--full] [--timeout_s=1800]
       [--out_dir=benchmarks/results] [--name=tpu_aot] [--hlo_dir=DIR] [--gin.KEY=VALUE ...]
+  python benchmarks/tpu_aot.py --render     # rewrite the markdown from the JSON only
 
 Each (stage, preset) pair runs `imagen-jax compile` in its own process (so one compile's host
 memory cannot inflate the next's figure, and an OOM-killed compile is recorded, not fatal), on
@@ -95,6 +96,13 @@ def _fmt(x, spec: str, none: str = "–") -> str:
   return none if x is None else format(x, spec)
 
 
+def _limit(rep: dict) -> str:
+  """The HBM limit a TPU row was compiled under ('full': a record from before there was one)."""
+  if rep["hbm_bytes"] is None:
+    return "–"
+  return "full" if rep.get("limit_bytes") is None else f"{rep['limit_bytes'] / GIB:.2f}"
+
+
 def markdown(records: list[dict]) -> str:
   """The table of all records, paper pairings first."""
   order = {pair: i for i, pair in enumerate(all_pairs())}
@@ -106,16 +114,20 @@ def markdown(records: list[dict]) -> str:
     "24 GiB CPU machine; libtpu compiles for the topology, nothing runs). Global batch 2048 "
     "(paper), bf16 compute, f32 params/optimizer/EMA, remat off, as the presets set them. "
     "GiB/chip = arguments + outputs − donated aliases + temporaries + code, from "
-    "`memory_analysis()`; it must leave ≥ 10% of HBM free. Step time = max(FLOPs / bf16 peak, "
+    "`memory_analysis()`; it must leave ≥ 10% of HBM free, and the compiler must place the "
+    "program under that lowered limit (*limit GiB*: 90% of HBM; the compiler rematerialises "
+    "until a program meets its limit, so a compile at the full limit, *full* — the rows "
+    "measured before the lowered limit existed — always sits near it). Step time = max(FLOPs / bf16 peak, "
     "bytes accessed / HBM bandwidth) from `cost_analysis()`, or XLA's `optimal_seconds` where "
     "that is positive and not below the roofline; ICI/DCN collectives are not included, so "
     "it is a lower bound and the MFU figure an upper bound. Rows marked *sub* were compiled on "
     "the preset's data=1 sub-slice at the same per-device batch (same per-chip memory and "
     "FLOPs; the data-axis all-reduce is not in that program).",
     "",
-    "| stage | preset | compiled on | fits | GiB/chip | HBM | headroom | microbatches | "
-    "TFLOP/step/chip | est. s/step | est. img/s/chip | est. MFU ≤ | compile s | host GiB |",
-    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| stage | preset | compiled on | fits | GiB/chip | HBM | limit GiB | headroom | "
+    "microbatches | TFLOP/step/chip | est. s/step | est. img/s/chip | est. MFU ≤ | compile s "
+    "| host GiB |",
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in records:
     rep = r.get("report")
@@ -123,7 +135,7 @@ def markdown(records: list[dict]) -> str:
     if rep is None:
       err = "; ".join(r.get("error", [])).replace("imagen-jax compile: ", "").replace("|", "/")
       verdict = "**no**" if r["exit_status"] == 1 else "**failed**"
-      lines.append(f"| {r['stage']} | {label} | – | {verdict}: {err[:200]} |" + " |" * 10)
+      lines.append(f"| {r['stage']} | {label} | – | {verdict}: {err[:200]} |" + " |" * 11)
       continue
     c = rep["costs"]
     on = rep["compiled_on"] + (" *sub*" if not r["full_slice"] else "")
@@ -139,6 +151,7 @@ def markdown(records: list[dict]) -> str:
           "yes" if rep["fits"] else "**no**",
           f"{c['total_bytes'] / GIB:.2f}",
           _fmt(hbm and hbm / GIB, ".0f"),
+          _limit(rep),
           _fmt(headroom and 100 * headroom, ".0f") + "%",
           str(rep["num_microbatches"]),
           f"{c['flops'] / 1e12:.1f}",
@@ -165,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks", "results"))
   parser.add_argument("--name", default="tpu_aot")
   parser.add_argument("--hlo_dir", default=None, help="write each compiled step's HLO here")
+  parser.add_argument(
+    "--render", action="store_true", help="only rewrite the markdown from the JSON (no compiles)"
+  )
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   pairs = [tuple(p.split(":")) for p in args.only.split(",") if p] or all_pairs()
   path = os.path.join(args.out_dir, f"{args.name}.json")
@@ -172,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
   if os.path.exists(path):
     with open(path) as f:
       records = {_key(r): r for r in json.load(f)}
+  if args.render:
+    pairs = []
+    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
+      f.write(markdown(list(records.values())))
   for i, (stage, preset) in enumerate(pairs):
     print(f"[{i + 1}/{len(pairs)}] compiling {stage} on {preset} ...", flush=True)
     record = run_pair(stage, preset, args.full, args.timeout_s, extra, args.hlo_dir)

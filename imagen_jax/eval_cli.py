@@ -405,6 +405,19 @@ def _coco_report(
   }
 
 
+def _sample_args(args: argparse.Namespace, prompts_file: str, out: str) -> argparse.Namespace:
+  """`imagen-jax sample`'s arguments: its own defaults for every flag (eval coco need not mount
+  them all), then the values eval coco was given, then the drawn prompts and OUT/images."""
+  from imagen_jax import sample_cli
+
+  parser = argparse.ArgumentParser(add_help=False)
+  sample_cli.add_arguments(parser)
+  source = f"--bundle={args.bundle}" if args.bundle else f"--stage_dirs={args.stage_dirs}"
+  merged = vars(parser.parse_args([source, f"--out={out}"]))
+  merged.update({k: v for k, v in vars(args).items() if k in merged and k != "out"})
+  return argparse.Namespace(**{**merged, "prompts_file": prompts_file})
+
+
 def run_coco(args: argparse.Namespace) -> int:
   """`eval coco`: draws the prompts, samples them with `imagen-jax sample` into OUT/images
   (which resumes a killed run), then writes FID + CLIP score to OUT/report.json and report.md."""
@@ -422,9 +435,7 @@ def run_coco(args: argparse.Namespace) -> int:
   errors.check_writable_dir(args.out, "--out")
 
   images_dir = os.path.join(args.out, "images")
-  prompts_file = _write_prompts(args.out, chosen)
-  sample_args = {**vars(args), "prompt": [], "prompts_file": prompts_file, "out": images_dir}
-  status = sample_cli.run(argparse.Namespace(**sample_args))
+  status = sample_cli.run(_sample_args(args, _write_prompts(args.out, chosen), images_dir))
   if status:
     return status
 

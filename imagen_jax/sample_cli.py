@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from imagen_jax import errors
@@ -54,6 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="output directory for PNGs and index.json; rerunning the same command continues there",
   )
   add_sampling_flags(parser)
+  add_device_flags(parser)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+  """--mesh and the multi-host flags (launch/local.py sets the latter for local N-process runs)."""
+  a = parser.add_argument
+  a(
+    "--mesh",
+    default=None,
+    help="this process's devices as AXIS=SIZE,... over data/fsdp/model, e.g. data=2,fsdp=4 "
+    "(batch over data×fsdp, params FSDP-sharded over fsdp; default: all devices on data)",
+  )
+  a("--coordinator_address", default=None, help="multi-host: host:port of process 0")
+  a("--num_processes", type=int, default=None, help="multi-host: process count")
+  a("--process_id", type=int, default=None, help="multi-host: this process's id")
+  a("--multihost", action="store_true", help="jax.distributed with auto-detected settings (pods)")
+  a("--num_cpu_devices", type=int, default=None, help="simulate this many CPU devices per process")
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +233,40 @@ def read_lowres(path: str | None) -> tuple[Any, str | None]:
   return (pixels / 127.5 - 1.0)[None], sha
 
 
+def mesh_config(args: argparse.Namespace) -> Any:
+  """--mesh as a `parallel.MeshConfig` (None when unset); UserError on a bad spelling."""
+  if not getattr(args, "mesh", None):
+    return None
+  from imagen_jax import parallel
+
+  try:
+    return parallel.parse_mesh_flag(args.mesh)
+  except ValueError as e:
+    raise errors.UserError(f"--mesh={args.mesh!r}: {errors.one_line(e)}; e.g. data=2,fsdp=4") from e
+
+
+def start_jax(args: argparse.Namespace, mesh: Any) -> None:
+  """Simulated CPU devices and jax.distributed (multi-host), before any backend starts; then
+  --mesh checked against this process's device count."""
+  import jax
+
+  from imagen_jax import parallel
+
+  if args.num_cpu_devices:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+      f"{flags} --xla_force_host_platform_device_count={args.num_cpu_devices}"
+    )
+    jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+  if args.multihost or args.coordinator_address or (args.num_processes or 1) > 1:
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if mesh is not None:
+    try:
+      mesh.resolved_sizes(jax.local_device_count())
+    except ValueError as e:
+      raise errors.UserError(f"--mesh={args.mesh!r}: {errors.one_line(e)}") from e
+
+
 # ================================================================================================
 # Resuming: which images of --out are finished
 # ================================================================================================
@@ -259,41 +311,65 @@ def _refuse(out: str, why: str) -> errors.UserError:
   )
 
 
+def part_file(process: int) -> str:
+  """The index of one process of a multi-process run, merged into index.json at its end."""
+  return f"index.process{process}.json"
+
+
+def _part_files(out: str) -> list[str]:
+  if not os.path.isdir(out):
+    return []
+  names = [n for n in os.listdir(out) if re.fullmatch(r"index\.process\d+\.json", n)]
+  return [os.path.join(out, n) for n in sorted(names)]
+
+
+def _read_part(path: str) -> dict[str, Any]:
+  """A process's index (written whole by rename); ValueError if it is not readable JSON."""
+  try:
+    with open(path) as f:
+      return dict(json.load(f))
+  except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{path} is unreadable ({e})") from e
+
+
 def finished_images(
   args: argparse.Namespace, settings: dict[str, Any]
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
   """The images of --out a rerun keeps, by number, and the old index (empty when fresh).
 
-  Finished: listed in index.json and present on disk (stage files too with --save_stages).
-  Raises a UserError if --out holds images of other settings (unless --overwrite).
+  Finished: listed in index.json or in a process's index (an interrupted multi-process run's)
+  and present on disk (stage files too with --save_stages). Raises a UserError if --out holds
+  images of other settings (unless --overwrite).
   """
   from imagen_jax import images
 
   try:
-    index = images.read_index(args.out)
+    found = [images.read_index(args.out), *(_read_part(p) for p in _part_files(args.out))]
   except ValueError as e:
     if args.overwrite:
       return {}, {}
-    raise _refuse(args.out, f"an index.json that cannot be resumed ({errors.one_line(e)})") from e
-  if index is None or args.overwrite or not index.get("images"):
+    raise _refuse(args.out, f"an index that cannot be resumed ({errors.one_line(e)})") from e
+  found = [index for index in found if index and index.get("images")]
+  if args.overwrite or not found:
     return {}, {}
-  old, count = index.get("run"), len(index["images"])
-  if not isinstance(old, dict):
-    raise _refuse(args.out, f"{count} images whose index.json records no run settings")
-  if old != settings:
-    differ = sorted(
-      k.removesuffix("_sha256") for k in set(settings) | set(old) if old.get(k) != settings.get(k)
-    )
-    raise _refuse(
-      args.out, f"{count} images sampled with other settings (changed: {', '.join(differ)})"
-    )
   done = {}
-  for entry in index["images"]:
-    number = images.image_number(entry)
-    files = [entry.get("file", "")] + list(entry.get("stage_files", {}).values())
-    if number is not None and all(os.path.isfile(os.path.join(args.out, f)) for f in files):
-      done[number] = entry
-  return done, index
+  for index in found:
+    old, count = index.get("run"), len(index["images"])
+    if not isinstance(old, dict):
+      raise _refuse(args.out, f"{count} images whose index.json records no run settings")
+    if old != settings:
+      differ = sorted(
+        k.removesuffix("_sha256") for k in set(settings) | set(old) if old.get(k) != settings.get(k)
+      )
+      raise _refuse(
+        args.out, f"{count} images sampled with other settings (changed: {', '.join(differ)})"
+      )
+    for entry in index["images"]:
+      number = images.image_number(entry)
+      files = [entry.get("file", "")] + list(entry.get("stage_files", {}).values())
+      if number is not None and all(os.path.isfile(os.path.join(args.out, f)) for f in files):
+        done[number] = entry
+  return done, found[0]
 
 
 # ================================================================================================
@@ -304,12 +380,17 @@ def finished_images(
 def _load_model(args: argparse.Namespace, source: dict[str, Any]):
   from imagen_jax import cascade
 
+  mesh = mesh_config(args)
   if "bundle" in source:
     from imagen_jax import export
 
-    return export.load_bundle(args.bundle, t5_checkpoint=args.t5_checkpoint)
+    return export.load_bundle(args.bundle, t5_checkpoint=args.t5_checkpoint, mesh=mesh)
   return cascade.Cascade.from_stage_dirs(
-    _stage_dirs(args), vocab_path=args.vocab, t5_checkpoint=args.t5_checkpoint, t5_size=args.t5_size
+    _stage_dirs(args),
+    vocab_path=args.vocab,
+    t5_checkpoint=args.t5_checkpoint,
+    t5_size=args.t5_size,
+    mesh=mesh,
   )
 
 
@@ -395,10 +476,61 @@ def _sample_batches(
   return new
 
 
-def run(args: argparse.Namespace) -> int:
-  """Runs `imagen-jax sample`."""
+def _process_index(out: str, header: dict[str, Any], done: dict[int, dict[str, Any]]):
+  """This process's ImageIndex: index.json for one process, else its own part file."""
+  import jax
+
   from imagen_jax import images
 
+  class ProcessIndex(images.ImageIndex):
+    @property
+    def path(self) -> str:
+      return os.path.join(self.directory, part_file(jax.process_index()))
+
+  cls = images.ImageIndex if jax.process_count() == 1 else ProcessIndex
+  return cls(out, header, done)
+
+
+def merge_process_indexes(
+  out: str, index: images.ImageIndex, old_seconds: dict[str, float]
+) -> images.ImageIndex:
+  """Process 0, after every process finished: one index.json listing every image of --out
+  (each process's part file and what was done before), then the part files removed.
+
+  Returns:
+    The merged index (as written to index.json).
+  """
+  import jax
+
+  from imagen_jax import images
+
+  merged = images.ImageIndex(out, dict(index.header), dict(index.entries))
+  seconds = dict(old_seconds)
+  parts = [os.path.join(out, part_file(p)) for p in range(jax.process_count())]
+  for part in (_read_part(p) for p in parts if jax.process_count() > 1 and os.path.isfile(p)):
+    merged.entries.update({images.image_number(e): e for e in part["images"]})
+    for field in ("resolution", "weights"):
+      merged.header[field] = merged.header[field] or part.get(field)
+    for name, s in part.get("seconds_per_stage", {}).items():  # each part started from the old
+      seconds[name] = seconds.get(name, 0.0) + s - old_seconds.get(name, 0.0)
+  if jax.process_count() > 1:
+    merged.header["seconds_per_stage"] = seconds
+  merged.write()
+  for path in _part_files(out):  # all listed in index.json now (each held what was done)
+    os.remove(path)
+  return merged
+
+
+def _my_batches(batches: list[range]) -> list[range]:
+  """This process's share of the run's unfinished batches (round-robin over processes)."""
+  import jax
+
+  return batches[jax.process_index() :: jax.process_count()]
+
+
+def run(args: argparse.Namespace) -> int:
+  """Runs `imagen-jax sample` (in every process of a multi-host job: each samples its share of
+  the batches on its own devices, writes its PNGs and its own index; process 0 merges them)."""
   # Every flag is checked before any model loads (loading can take minutes).
   prompts = read_prompts(args)
   total = len(prompts) * args.num_per_prompt
@@ -407,10 +539,41 @@ def run(args: argparse.Namespace) -> int:
   settings = stage_settings(args, num_stages)
   if args.stop_after is not None and not 1 <= args.stop_after <= num_stages:
     raise errors.UserError(f"--stop_after={args.stop_after}: must be between 1 and {num_stages}")
+  start_jax(args, mesh_config(args))
   lowres, lowres_sha = read_lowres(args.lowres_image)
   run_key = run_settings(args, prompts, settings, source, lowres_sha)
   done, old_index = finished_images(args, run_key)
+  status = _run_batches(args, prompts, settings, source, lowres, run_key, done, old_index)
+  _end_processes()
+  return status
 
+
+def _end_processes() -> None:
+  """Every process meets before the coordination service shuts down (no racing its barrier)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from imagen_jax import parallel
+
+    parallel.wait_for_all_processes("sample_end")
+    jax.distributed.shutdown()
+
+
+def _run_batches(
+  args: argparse.Namespace,
+  prompts: list[str],
+  settings: list[Any],
+  source: dict[str, Any],
+  lowres: Any,
+  run_key: dict[str, Any],
+  done: dict[int, dict[str, Any]],
+  old_index: dict[str, Any],
+) -> int:
+  import jax
+
+  from imagen_jax import parallel
+
+  total = len(prompts) * args.num_per_prompt
   # Fixed batches of the whole image list: a batch with any unfinished image is sampled whole,
   # so a resumed run computes exactly the batches an uninterrupted one does (same bits).
   batch = min(args.batch_size, total)
@@ -419,7 +582,11 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, total, batch)
     if any(i not in done for i in range(start, min(start + batch, total)))
   ]
-  index = images.ImageIndex(
+  # Every process has read --out before any writes to it, so all split the same batch list.
+  parallel.wait_for_all_processes("sample_plan")
+  mine = _my_batches(batches)
+  old_seconds = dict(old_index.get("seconds_per_stage", {}))
+  index = _process_index(
     args.out,
     {
       "run": run_key,
@@ -427,34 +594,46 @@ def run(args: argparse.Namespace) -> int:
       "weights": old_index.get("weights"),
       "total": total,
       "resolution": old_index.get("resolution"),
-      "seconds_per_stage": dict(old_index.get("seconds_per_stage", {})),
+      "seconds_per_stage": dict(old_seconds),
     },
     done,
   )
+  lead = jax.process_index() == 0
   grid_path = os.path.join(args.out, "grid.png")
   if not batches:
-    if args.grid and not os.path.isfile(grid_path):
+    if lead and _part_files(args.out):  # interrupted after its last image, before the merge
+      merge_process_indexes(args.out, index, old_seconds)
+    if lead and args.grid and not os.path.isfile(grid_path):
       _write_grid(args, index.entries)
-    print(f"sample: all {total} images are already in {args.out} (index.json); nothing to do")
+    if lead:
+      print(f"sample: all {total} images are already in {args.out} (index.json); nothing to do")
     return 0
   errors.check_writable_dir(args.out, "--out")
   index.write()  # before the model loads: records the run
-  left = total - len(done)
+  left = sum(len(b) for b in mine)
   resumed = f" (resuming: {len(done)} already done)" if done else ""
-  print(f"sample: {left} images -> {args.out}{resumed}; loading the model", flush=True)
+  where = (
+    f"process {jax.process_index()}/{jax.process_count()}: " if jax.process_count() > 1 else ""
+  )
+  print(f"sample: {where}{left} images -> {args.out}{resumed}; loading the model", flush=True)
 
-  model = _load_model(args, source)
-  weights = [st.spec.get("source") for st in model.stages]
-  if done and index.header["weights"] not in (None, weights):
-    raise _refuse(args.out, f"{len(done)} images sampled with other weights (checkpoints)")
-  index.header["weights"] = weights
-
-  new = _sample_batches(args, model, prompts, settings, lowres, batches, batch, index)
+  new = 0
+  if mine:
+    model = _load_model(args, source)
+    weights = [st.spec.get("source") for st in model.stages]
+    if done and index.header["weights"] not in (None, weights):
+      raise _refuse(args.out, f"{len(done)} images sampled with other weights (checkpoints)")
+    index.header["weights"] = weights
+    new = _sample_batches(args, model, prompts, settings, lowres, mine, batch, index)
+  parallel.wait_for_all_processes("sample_written")
+  if not lead:
+    return 0
+  merged = merge_process_indexes(args.out, index, old_seconds)
   if args.grid:
-    _write_grid(args, index.entries)
-  timing = ", ".join(f"{n} {s:.1f}s" for n, s in index.header["seconds_per_stage"].items())
+    _write_grid(args, merged.entries)
+  timing = ", ".join(f"{n} {s:.1f}s" for n, s in merged.header["seconds_per_stage"].items())
   print(
-    f"sample: {new} images at {index.header['resolution']}px -> {args.out} "
-    f"({len(index.entries)}/{total} done; {timing})"
+    f"sample: {where}{new} images at {merged.header['resolution']}px -> {args.out} "
+    f"({len(merged.entries)}/{total} done; {timing})"
   )
   return 0

@@ -324,3 +324,23 @@ def test_hlo_summary_counts_convolutions_and_collectives():
   assert re.search(r"^\s+\d+\s+all-gather\s", text, re.M), text
   assert re.search(r"^\s+\d+\s+all-reduce\s", text, re.M), text
   assert hlo_summary.array_bytes("(bf16[2,3]{1,0}, f32[4]{0})") == 2 * 6 + 4 * 4
+  # HBM writes: a fusion's inner f32 values stay on chip; its bf16[4,8] result (64 B) and the
+  # entry's f32[4,8] convert (128 B) are written; parameters, tuples and bitcasts are not.
+  hlo = """
+%fused_computation (param_0: f32[4,8]) -> bf16[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %m = f32[4,8]{1,0} multiply(%param_0, %param_0)
+  ROOT %c = bf16[4,8]{1,0} convert(%m)
+}
+
+ENTRY %main (p: f32[4,8]) -> (bf16[4,8], f32[4,8]) {
+  %p = f32[4,8]{1,0} parameter(0)
+  %f = bf16[4,8]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation
+  %b = bf16[32]{0} bitcast(%f)
+  %g = f32[4,8]{1,0} convert(%f)
+  ROOT %t = (bf16[4,8]{1,0}, f32[4,8]{1,0}) tuple(%f, %g)
+}
+"""
+  text = hlo_summary.summarise(hlo, top=5)
+  assert re.search(r"^\s+0\.000 GiB\s+f32 \(67%\)$", text, re.M), text  # 128 of 192 B
+  assert re.search(r"^\s+0\.000 GiB\s+bf16 \(33%\)$", text, re.M), text

@@ -6,6 +6,8 @@
 Prints, for the ENTRY computation and every fused/called computation together: instruction
 counts per opcode; collectives with their operand bytes; convolutions and dots by element type
 (f32 ones run at a fraction of the bf16 peak on TPU); transposes and copies (layout changes);
+the bytes written to HBM by element type (results of instructions outside fusions, a loop
+body counted once: f32 activations where bf16 would do double a memory-bound step's traffic);
 and the largest arrays produced (shape × element size), which is where temporaries go.
 Standard library only; a reading aid, not a cost model.
 """
@@ -23,6 +25,19 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 # "  %name = bf16[16,64,64,512]{3,2,1,0:T(8,128)(2,1)} opcode(operands), attrs"
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (\(?[a-z0-9]+\[[^=]*?\]\S*)\s+([\w\-]+)\(")
 ARRAY = re.compile(r"([a-z0-9]+)\[([\d,]*)\]")
+# "%fused_computation.12 (param_0: f32[8]) -> f32[8] {" / "ENTRY %main.3 (...) -> ... {"
+COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+# Results that are no new buffer (views, tuples, inputs, loop state; an async copy counts once,
+# at copy-done): left out of the HBM-traffic sums.
+NO_BUFFER = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "copy-start",
+  "while",
+}
 
 
 def array_bytes(shape_text: str) -> int:
@@ -39,14 +54,21 @@ def summarise(text: str, top: int) -> str:
   opcodes: collections.Counter = collections.Counter()
   collective_bytes: collections.Counter = collections.Counter()
   by_type: collections.Counter = collections.Counter()
+  written: collections.Counter = collections.Counter()  # HBM results by element type
   largest: list[tuple[int, str, str]] = []
+  fused = False
   for line in text.splitlines():
+    if c := COMPUTATION.match(line):
+      fused = "fus" in c.group(1)  # a fusion's inner values stay in registers / VMEM
     m = INSTRUCTION.match(line)
     if not m:
       continue
     shape, op = m.group(1), m.group(2)
     opcodes[op] += 1
     size = array_bytes(shape)
+    if not fused and op not in NO_BUFFER:
+      for dtype, dims in ARRAY.findall(shape):
+        written[dtype] += array_bytes(f"{dtype}[{dims}]")
     if any(op.startswith(c) for c in COLLECTIVES):
       collective_bytes[op] += size
     if op in ("convolution", "dot"):
@@ -64,6 +86,12 @@ def summarise(text: str, top: int) -> str:
   out.append(
     f"layout changes: {opcodes['transpose']} transposes, {opcodes['copy']} copies ({layout})"
   )
+  total = sum(written.values()) or 1
+  out.append("bytes written to HBM per call (results outside fusions, by element type):")
+  out += [
+    f"  {n / 2**30:9.3f} GiB  {dtype} ({100 * n / total:.0f}%)"
+    for dtype, n in written.most_common()
+  ]
   out.append("largest results:")
   out += [f"  {size / 2**20:10.1f} MiB  {op:14s} {shape}" for size, op, shape in largest[:top]]
   return "\n".join(out)

@@ -201,7 +201,7 @@ def train(
   Returns:
     The last logged metrics.
   """
-  from imagen_jax.data import global_batch, input_pipeline  # TF-heavy: import when the job runs
+  from imagen_jax.data import input_pipeline  # TF-heavy: import when the job runs
 
   t_start = time.time()
   mesh = parallel.resolve_mesh(mesh)
@@ -210,15 +210,9 @@ def train(
     from imagen_jax import optim
 
     optimizer = optim.make_optimizer()
-  tx, lr_fn = optimizer
   stage_obj = Stage(network, stage)
   is_main = jax.process_index() == 0
-  if eval_every < 0 or eval_batches < 1:
-    raise errors.UserError(
-      f"eval_every={eval_every} must be >= 0 and eval_batches={eval_batches} >= 1; pass e.g. "
-      "--gin.train.train.eval_every=1000 --gin.train.train.eval_batches=4"
-    )
-  t_grid = check_eval_t_grid(eval_t_grid) if eval_every else ()
+  t_grid = _check_eval_settings(eval_every, eval_batches, eval_t_grid)
 
   # --- data (validated before any compilation) ---------------------------------------------
   per_process_batch = batch_size // jax.process_count()
@@ -245,22 +239,17 @@ def train(
       open_split,
       per_process_batch // num_microbatches,
     )
-
   if is_main:
     log.info("data ready (%d examples) after %.1fs", data_iter.num_examples, time.time() - t_start)
 
   # --- AOT compile + sharded init ----------------------------------------------------------
-  rng = jax.random.PRNGKey(seed)
-  init_rng, train_rng = jax.random.split(rng)
-  program = train_program.build_train_program(
-    stage_obj,
-    (tx, lr_fn),
-    mesh,
-    step_settings(batch_size, max_length, text_dim, ema_decay, ema_warmup, num_microbatches),
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  settings = step_settings(
+    batch_size, max_length, text_dim, ema_decay, ema_warmup, num_microbatches
   )
+  program = train_program.build_train_program(stage_obj, optimizer, mesh, settings)
   compiled = program.compile()
   flops_per_step = perf.compiled_flops(compiled)
-  batch_shapes = program.batch_shapes
   if is_main:
     log.info(
       "stage %s: %s params, %s FLOPs/step, step compiled after %.1fs (program sha256 %s)",
@@ -270,26 +259,17 @@ def train(
       time.time() - t_start,
       program.fingerprint(),
     )
-  # Hosts reach this point after different compile and data-loading times; the init program,
-  # the restore and the first step all run collectives, so meet first.
   evaluator = None
   if validation is not None:
-    ema_like = program.abstract_state.ema_params
-    evaluator = ValidationLoss(stage_obj, mesh, ema_like, validation, t_grid, eval_batches, seed)
+    evaluator = ValidationLoss(
+      stage_obj, mesh, program.abstract_state.ema_params, validation, t_grid, eval_batches, seed
+    )
     if is_main:
-      log.info(
-        "eval step compiled: %d validation examples x %d t every %d steps (%.1fs)%s",
-        evaluator.num_examples,
-        len(t_grid),
-        eval_every,
-        time.time() - t_start,
-        f"; the split has {validation.num_examples}, so examples repeat, each with its own noise"
-        if evaluator.num_examples > validation.num_examples
-        else "",
-      )
+      _log_eval_compiled(evaluator, validation, eval_every, time.time() - t_start)
+  # Hosts reach this point after different compile and data-loading times; the init program,
+  # the restore and the first step all run collectives, so meet first.
   parallel.wait_for_all_processes("compiled")
   state = program.init_state(init_rng)
-  state_shardings = program.state_shardings
   if is_main:
     log.info("sharded init done after %.1fs", time.time() - t_start)
 
@@ -300,123 +280,234 @@ def train(
     save_interval_steps=checkpoint_every,
     async_save=async_checkpointing,
   )
+  state = _restore(ckpt, state, program.state_shardings, data_iter, t_start, is_main)
+
+  # --- loop --------------------------------------------------------------------------------
+  loop = _TrainLoop(
+    stage=stage_obj,
+    compiled=compiled,
+    mesh=mesh,
+    batch_keys=tuple(program.batch_shapes),
+    data_iter=data_iter,
+    ckpt=ckpt,
+    model_dir=model_dir,
+    config_text=_operative_config(),
+    # Saved with every checkpoint: readers rebuild the stage from it, not from this
+    # function's gin selectors.
+    spec=stage_spec(network, stage, max_length, text_dim, data_dir=data_dir),
+    batch_size=batch_size,
+    flops_per_step=flops_per_step,
+    log_every=log_every,
+    max_consecutive_nonfinite=max_consecutive_nonfinite,
+    sample_every=sample_every,
+    num_sample_images=num_sample_images,
+    sample_steps=sample_steps,
+    sample_guidance_weight=sample_guidance_weight,
+    evaluator=evaluator,
+    eval_every=eval_every,
+    record_example_keys=record_example_keys,
+    debug_step_delay_s=debug_step_delay_s,
+  )
+  return loop.run(state, train_rng, num_train_steps, max_steps_this_run)
+
+
+def _check_eval_settings(eval_every: int, eval_batches: int, eval_t_grid: Any) -> tuple[float, ...]:
+  """The eval knobs, checked before any work; returns the t grid (empty when eval is off)."""
+  if eval_every < 0 or eval_batches < 1:
+    raise errors.UserError(
+      f"eval_every={eval_every} must be >= 0 and eval_batches={eval_batches} >= 1; pass e.g. "
+      "--gin.train.train.eval_every=1000 --gin.train.train.eval_batches=4"
+    )
+  return check_eval_t_grid(eval_t_grid) if eval_every else ()
+
+
+def _log_eval_compiled(evaluator: Any, validation: Any, eval_every: int, seconds: float) -> None:
+  log.info(
+    "eval step compiled: %d validation examples x %d t every %d steps (%.1fs)%s",
+    evaluator.num_examples,
+    len(evaluator.t_grid),
+    eval_every,
+    seconds,
+    f"; the split has {validation.num_examples}, so examples repeat, each with its own noise"
+    if evaluator.num_examples > validation.num_examples
+    else "",
+  )
+
+
+def _restore(
+  ckpt: checkpoints.Checkpointer,
+  state: Any,
+  state_shardings: Any,
+  data_iter: Any,
+  t_start: float,
+  is_main: bool,
+) -> Any:
+  """The newest loadable checkpoint's state (and data position), or `state` if none."""
   abstract_state = checkpoints.abstract_with_shardings(
     state.replace(ema_params=None), state_shardings.replace(ema_params=None)
   )
   abstract_ema = checkpoints.abstract_with_shardings(state.ema_params, state_shardings.ema_params)
   # The job owns MODEL_DIR: unloadable steps are moved aside, so keep-last-K stops counting them.
   restored = ckpt.restore_latest(abstract_state, abstract_ema, move_aside=True)
-  if restored is not None:
-    step0, (saved_state, saved_ema, iter_state, _) = restored
-    state = saved_state.replace(ema_params=saved_ema)
-    data_iter.set_state(iter_state)
-    if is_main:
-      log.info("resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start)
-  config_text = _operative_config()
-  # Saved with every checkpoint: readers rebuild the stage from it, not from this function's
-  # gin selectors.
-  spec = stage_spec(network, stage, max_length, text_dim, data_dir=data_dir)
-  start_step = int(state.step)
-
-  # --- loop --------------------------------------------------------------------------------
-  writer = _SummaryWriter(os.path.join(model_dir, "tensorboard")) if is_main else None
-  metrics_log = _JsonLines(os.path.join(model_dir, "metrics.jsonl"))
-  keys_log = _JsonLines(
-    os.path.join(model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
-  )
-  # Steps after the restored one were logged by a run that died before checkpointing them;
-  # they are about to be redone, so drop them: the files stay one clean history.
+  if restored is None:
+    return state
+  step0, (saved_state, saved_ema, iter_state, _) = restored
+  data_iter.set_state(iter_state)
   if is_main:
-    metrics_log.drop_after(start_step)
-  keys_log.drop_after(start_step)
-  preemption = _Preemption()
-  preemption.install()
-  sample_cond = None
-  last_metrics: dict[str, float] = {}
-  device_peak = perf.peak_flops_per_device(jax.devices()[0])
-  num_devices = jax.device_count()
-  end_step = num_train_steps
-  if max_steps_this_run is not None:
-    end_step = min(num_train_steps, start_step + max_steps_this_run)
-  progress = perf.Progress(start_step, num_train_steps, enabled=is_main)
-  window_start, window_steps = time.time(), 0
+    log.info("resumed from %s at step %d (%.1fs)", ckpt.directory, step0, time.time() - t_start)
+  return saved_state.replace(ema_params=saved_ema)
 
-  def save(step: int, force: bool) -> None:
-    saved = ckpt.save(
+
+@dataclasses.dataclass
+class _TrainLoop:
+  """The steps of one run: train, log, sample, evaluate, checkpoint, stop on preemption."""
+
+  stage: Stage
+  compiled: Any
+  mesh: Mesh
+  batch_keys: tuple[str, ...]
+  data_iter: Any
+  ckpt: checkpoints.Checkpointer
+  model_dir: str
+  config_text: str
+  spec: dict[str, Any]
+  batch_size: int
+  flops_per_step: float | None
+  log_every: int
+  max_consecutive_nonfinite: int
+  sample_every: int
+  num_sample_images: int
+  sample_steps: int
+  sample_guidance_weight: float
+  evaluator: Any
+  eval_every: int
+  record_example_keys: bool
+  debug_step_delay_s: float
+
+  def run(
+    self, state: Any, train_rng: jax.Array, num_train_steps: int, max_steps_this_run: int | None
+  ) -> dict[str, float]:
+    """Trains from `state.step` to the end step; returns the last logged metrics."""
+    from imagen_jax.data import global_batch
+
+    self.is_main = jax.process_index() == 0
+    start_step = int(state.step)
+    self._open_logs(start_step)
+    preemption = _Preemption()
+    preemption.install()
+    self.sample_cond = None
+    self.last_metrics: dict[str, float] = {}
+    self.device_peak = perf.peak_flops_per_device(jax.devices()[0])
+    end_step = num_train_steps
+    if max_steps_this_run is not None:
+      end_step = min(num_train_steps, start_step + max_steps_this_run)
+    self.progress = perf.Progress(start_step, num_train_steps, enabled=self.is_main)
+    self.window_start, self.window_steps = time.time(), 0
+    step = start_step
+    try:
+      while step < end_step:
+        host_batch = next(self.data_iter)
+        if self.sample_every and self.sample_cond is None:
+          self.sample_cond = _fixed_sample_condition(host_batch, self.num_sample_images)
+        batch = global_batch.to_global_batch({k: host_batch[k] for k in self.batch_keys}, self.mesh)
+        state, metrics = self.compiled(state, batch, train_rng)
+        step += 1
+        self.window_steps += 1
+        if self.record_example_keys:
+          self.keys_log.write(step, host_batch.get("key"))
+        if self.debug_step_delay_s:
+          time.sleep(self.debug_step_delay_s)
+        ckpt_due = self.ckpt.should_save(step)
+        if step % self.log_every == 0 or step == end_step or ckpt_due:
+          self._log(step, state, metrics)
+        self._sample_and_evaluate(step, state)
+        if preemption.requested or self.ckpt.reached_preemption(step):
+          self._save(step, state, force=True)
+          self.ckpt.wait_until_finished()
+          log.warning("preempted: checkpoint at step %d written; exiting", step)
+          return self.last_metrics
+        if ckpt_due:
+          self._save(step, state, force=False)
+      if self.ckpt.latest_step() != step:
+        self._save(step, state, force=True)
+    finally:
+      self.ckpt.close()
+      self.progress.close()
+      if self.writer:
+        self.writer.close()
+    return self.last_metrics
+
+  def _open_logs(self, start_step: int) -> None:
+    self.writer = (
+      _SummaryWriter(os.path.join(self.model_dir, "tensorboard")) if self.is_main else None
+    )
+    self.metrics_log = _JsonLines(os.path.join(self.model_dir, "metrics.jsonl"))
+    self.keys_log = _JsonLines(
+      os.path.join(self.model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
+    )
+    # Steps after the restored one were logged by a run that died before checkpointing them;
+    # they are about to be redone, so drop them: the files stay one clean history.
+    if self.is_main:
+      self.metrics_log.drop_after(start_step)
+    self.keys_log.drop_after(start_step)
+
+  def _log(self, step: int, state: Any, metrics: Any) -> None:
+    """Console, TensorBoard and metrics.jsonl; stops a run stuck on non-finite updates."""
+    metrics = jax.device_get(metrics)
+    elapsed = time.time() - self.window_start
+    scalars = perf.throughput_scalars(
+      metrics,
+      self.window_steps,
+      elapsed,
+      self.batch_size,
+      jax.device_count(),
+      self.flops_per_step,
+      self.device_peak,
+    )
+    self.last_metrics = scalars
+    self.progress.update(step, scalars)
+    if self.writer:
+      self.writer.write(step, scalars)
+      self.metrics_log.write(step, scalars)
+    self.window_start, self.window_steps = time.time(), 0
+    bad = int(jax.device_get(state.consecutive_nonfinite))
+    if bad >= self.max_consecutive_nonfinite:
+      raise TrainingError(
+        f"{bad} consecutive non-finite losses/gradients up to step {step}; updates were "
+        f"skipped. Last good checkpoint: step {self.ckpt.latest_step()} in "
+        f"{self.ckpt.directory}. Lower the learning rate or check the data, then rerun to resume."
+      )
+
+  def _sample_and_evaluate(self, step: int, state: Any) -> None:
+    if self.sample_every and step % self.sample_every == 0:
+      # Every host runs the sampler (the EMA params are sharded across hosts); host 0 writes.
+      _write_sample_grid(
+        self.stage,
+        state.ema_params,
+        self.sample_cond,
+        step,
+        self.model_dir,
+        self.mesh,
+        self.sample_steps,
+        self.sample_guidance_weight,
+      )
+    if self.evaluator is not None and step % self.eval_every == 0:
+      _evaluate(
+        self.evaluator, state.ema_params, step, self.writer, self.metrics_log, self.model_dir
+      )
+
+  def _save(self, step: int, state: Any, force: bool) -> None:
+    saved = self.ckpt.save(
       step,
       state.replace(ema_params=None),
       state.ema_params,
-      data_iter.get_state(),
-      config_text,
+      self.data_iter.get_state(),
+      self.config_text,
       force=force,
-      stage_spec=spec,
+      stage_spec=self.spec,
     )
-    if saved and is_main:
-      log.info("checkpoint step %d → %s", step, ckpt.directory)
-
-  step = start_step
-  try:
-    while step < end_step:
-      host_batch = next(data_iter)
-      if sample_every and sample_cond is None:
-        sample_cond = _fixed_sample_condition(host_batch, num_sample_images)
-      batch = global_batch.to_global_batch({k: host_batch[k] for k in batch_shapes}, mesh)
-      state, metrics = compiled(state, batch, train_rng)
-      step += 1
-      window_steps += 1
-      if record_example_keys:
-        keys_log.write(step, host_batch.get("key"))
-      if debug_step_delay_s:
-        time.sleep(debug_step_delay_s)
-      ckpt_due = ckpt.should_save(step)
-      if step % log_every == 0 or step == end_step or ckpt_due:
-        metrics = jax.device_get(metrics)
-        elapsed = time.time() - window_start
-        scalars = perf.throughput_scalars(
-          metrics, window_steps, elapsed, batch_size, num_devices, flops_per_step, device_peak
-        )
-        last_metrics = scalars
-        progress.update(step, scalars)
-        if writer:
-          writer.write(step, scalars)
-          metrics_log.write(step, scalars)
-        window_start, window_steps = time.time(), 0
-        bad = int(jax.device_get(state.consecutive_nonfinite))
-        if bad >= max_consecutive_nonfinite:
-          raise TrainingError(
-            f"{bad} consecutive non-finite losses/gradients up to step {step}; updates were "
-            f"skipped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. "
-            "Lower the learning rate or check the data, then rerun to resume."
-          )
-      if sample_every and step % sample_every == 0:
-        # Every host runs the sampler (the EMA params are sharded across hosts); host 0 writes.
-        _write_sample_grid(
-          stage_obj,
-          state.ema_params,
-          sample_cond,
-          step,
-          model_dir,
-          mesh,
-          sample_steps,
-          sample_guidance_weight,
-        )
-      if evaluator is not None and step % eval_every == 0:
-        _evaluate(evaluator, state.ema_params, step, writer, metrics_log, model_dir)
-      if preemption.requested or ckpt.reached_preemption(step):
-        save(step, force=True)
-        ckpt.wait_until_finished()
-        log.warning("preempted: checkpoint at step %d written; exiting", step)
-        return last_metrics
-      if ckpt_due:
-        save(step, force=False)
-    if ckpt.latest_step() != step:
-      save(step, force=True)
-  finally:
-    ckpt.close()
-    progress.close()
-    if writer:
-      writer.close()
-  return last_metrics
+    if saved and self.is_main:
+      log.info("checkpoint step %d → %s", step, self.ckpt.directory)
 
 
 # ================================================================================================

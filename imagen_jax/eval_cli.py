@@ -122,6 +122,7 @@ def _add_coco(subs) -> None:
   a("--fid_batch_size", type=int, default=FID_BATCH, help="images per Inception batch")
   a("--clip_batch_size", type=int, default=CLIP_BATCH, help="images per CLIP batch")
   sample_cli.add_sampling_flags(coco)
+  sample_cli.add_device_flags(coco)
 
 
 def _add(subs, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -157,7 +157,9 @@ def test_bad_inputs_refused_before_any_model_loads(inputs, tmp_path, capsys, no_
     (swap("--clip", str(tmp_path)), r"config.json"),
     (swap("--reference", str(tmp_path / "r.npz")), r"neither a statistics \.npz nor a folder"),
     (swap("--fid_batch_size", "0"), r"--fid_batch_size=0 must be at least 1"),
-    (swap("--steps", "0"), r"--steps='0': num_steps=0 is invalid"),  # the sample flags' checks
+    # sample's own checks: its sampler and device flags reach it
+    (swap("--steps", "0"), r"--steps='0': num_steps=0 is invalid"),
+    ([*base, "--mesh=bogus=3"], r"--mesh='bogus=3': .*e\.g\. data=2,fsdp=4"),
   ]
   for argv, pattern in cases:
     cli_helpers.user_error(capsys, argv, pattern)

@@ -292,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
       sample_report = sample_compile.compile_sampling(report, built, args)
+    except aot.DoesNotFit as e:
+      print(f"imagen-jax compile: sample {e}", file=sys.stderr)
+      return 1
     except ValueError as e:
       print(f"imagen-jax compile: error: {e}", file=sys.stderr)
       return 2

@@ -68,7 +68,8 @@ def compile_sampling(
     sampler="ddim", num_steps=args.sample_steps, guidance_weight=args.sample_guidance
   )
   t0 = time.perf_counter()
-  compiled = aot.compile_or_explain(_lower_sampling(program, mesh, batch, config), 1)
+  lowered = _lower_sampling(program, mesh, batch, config)
+  compiled = aot.compile_or_explain(lowered, 1, train_report.limit_bytes)  # the same headroom
   compile_s = time.perf_counter() - t0
   cfg = program.stage.config
   return dataclasses.replace(

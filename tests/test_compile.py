@@ -324,6 +324,10 @@ def test_hlo_summary_counts_convolutions_and_collectives():
   assert re.search(r"^\s+\d+\s+all-gather\s", text, re.M), text
   assert re.search(r"^\s+\d+\s+all-reduce\s", text, re.M), text
   assert hlo_summary.array_bytes("(bf16[2,3]{1,0}, f32[4]{0})") == 2 * 6 + 4 * 4
+  # A long tuple (a combined gradient all-reduce) marks its 6th element "/*index=5*/".
+  six = ", ".join(["f32[4]{0}"] * 5 + ["/*index=5*/f32[4]{0}"])
+  line = f"  %all-reduce.1 = ({six}) all-reduce(%a), replica_groups={{}}, to_apply=%add"
+  assert re.search(r"^\s+1\s+all-reduce\s+0\.00 GiB", hlo_summary.summarise(line, 5), re.M)
   # HBM writes: a fusion's inner f32 values stay on chip; its bf16[4,8] result (64 B) and the
   # entry's f32[4,8] convert (128 B) are written; parameters, tuples and bitcasts are not.
   hlo = """

@@ -24,6 +24,7 @@ ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u1
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # "  %name = bf16[16,64,64,512]{3,2,1,0:T(8,128)(2,1)} opcode(operands), attrs"
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = (\(?[a-z0-9]+\[[^=]*?\]\S*)\s+([\w\-]+)\(")
+INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 ARRAY = re.compile(r"([a-z0-9]+)\[([\d,]*)\]")
 # "%fused_computation.12 (param_0: f32[8]) -> f32[8] {" / "ENTRY %main.3 (...) -> ... {"
 COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -58,6 +59,7 @@ def summarise(text: str, top: int) -> str:
   largest: list[tuple[int, str, str]] = []
   fused = False
   for line in text.splitlines():
+    line = INDEX_COMMENT.sub("", line)  # long tuples carry "/*index=5*/": not part of the shape
     if c := COMPUTATION.match(line):
       fused = "fus" in c.group(1)  # a fusion's inner values stay in registers / VMEM
     m = INSTRUCTION.match(line)

@@ -49,8 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
   _batch_size_flag(fid)
 
-  ref = _add(subs, "reference", "write FID reference statistics (.npz) of a folder of images")
-  ref.add_argument("--source", required=True, help="folder of reference images (PNG/JPG)")
+  ref = _add(
+    subs,
+    "reference",
+    "write FID reference statistics (.npz) of a folder of images, precomputed shards or a "
+    "prepared TFDS dataset",
+  )
+  ref.add_argument(
+    "--source",
+    required=True,
+    help="a folder of images, a folder of precomputed shards (imagen-jax precompute --out) or a "
+    "prepared TFDS dataset directory (e.g. coco_captions), one image per record",
+  )
+  ref.add_argument(
+    "--split", default="train", help="shards / TFDS: the split to read (default train)"
+  )
   ref.add_argument("--inception", required=True, help=WEIGHTS_HELP)
   ref.add_argument("--out", required=True, help="the statistics file to write (STATS.npz)")
   _batch_size_flag(ref)
@@ -252,16 +265,19 @@ def run_fid(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
-  """`eval reference`: writes mu, sigma (pytorch-fid's .npz layout) of a folder of images."""
-  from imagen_jax.evaluation import fid
+  """`eval reference`: writes mu, sigma (pytorch-fid's .npz layout) of an image source."""
+  from imagen_jax.evaluation import fid, image_sources
 
   _check_common(args)
-  files = fid.list_images(args.source, "--source")
+  source = image_sources.open_images(args.source, args.split, "--source")
   _check_out_dir(args.out)
   extractor = fid.FeatureExtractor.from_file(args.inception, args.batch_size)
-  stats = fid.directory_stats(files, extractor, desc="fid reference")
+  stats = fid.source_stats(source, extractor, desc="fid reference")
   fid.save_stats(args.out, stats.mean, stats.sigma, stats.count)
-  print(f"wrote FID statistics of {stats.count} images to {args.out}")
+  print(
+    f"wrote FID statistics of {stats.count} images ({source.kind}: {source.description}) "
+    f"to {args.out}"
+  )
   return 0
 
 

@@ -413,3 +413,45 @@ def test_cli_bad_inputs(tmp_path, capsys, weights_file):
   ]  # fmt: skip
   lines = [cli_helpers.user_error(capsys, argv, pattern) for argv, pattern in cases]
   assert len(set(lines)) == len(cases), lines  # each bad input gets its own message
+
+
+def test_reference_from_shards_and_tfds_equals_the_same_images_as_a_folder(
+  tmp_path, weights_file, capsys
+):
+  """`eval reference --source=` precomputed shards or their TFDS build: the same statistics as
+  the same images written out as a folder of PNGs (one image per record)."""
+  from imagen_jax.data import records
+  from imagen_jax.evaluation import image_sources
+  from tests import train_helpers
+
+  data = train_helpers.build_precomputed_shapes(
+    str(tmp_path / "work"), num_examples=4, resolution=16, examples_per_shard=2
+  )
+  tfds_dir = records.find_tfds_dir(str(tmp_path / "work" / "tfds"))
+  tfds = records.TfdsSource(tfds_dir, "train")
+  pngs = [image_sources.decode_image(tfds.pairs(i)[0][2], "test") for i in range(len(tfds))]
+  folder = str(tmp_path / "folder")
+  _write_images(folder, pngs)
+  stats = {}
+  for name, source in [("folder", folder), ("shards", data), ("tfds", str(tmp_path / "work"))]:
+    out = str(tmp_path / f"{name}.npz")
+    argv = ["eval", "reference", f"--source={source}", f"--inception={weights_file}"]
+    assert cli.main([*argv, "--split=train", f"--out={out}", "--batch_size=4"]) == 0
+    assert f"4 images ({name if name != 'shards' else 'precomputed'}:" in capsys.readouterr().out
+    stats[name] = fid.load_stats(out)
+  for name in ("shards", "tfds"):
+    np.testing.assert_allclose(stats[name][0], stats["folder"][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats[name][1], stats["folder"][1], rtol=1e-5, atol=1e-7)
+    assert stats[name][2] == 4
+  cli_helpers.user_error(
+    capsys,
+    [
+      "eval",
+      "reference",
+      f"--source={data}",
+      "--split=test",
+      f"--inception={weights_file}",
+      f"--out={tmp_path / 'x.npz'}",
+    ],
+    r"--source=.*has no split 'test'; it has \['train'\]; pass --split=NAME",
+  )

@@ -126,14 +126,14 @@ def process_image(
 # ----------------------------------------------------------------------------------------------
 
 
-class _PrecomputedExamples:
+class PrecomputedExamples:
   """All records of the precomputed shards of one split, by random access."""
 
   def __init__(
     self,
     data_dir: str,
     split: str,
-    max_length: int,
+    max_length: int | None,
     expected_encoder: dict | None,
     resolution: int,
     text_encoder: Any,
@@ -192,7 +192,7 @@ class _PrecomputedExamples:
     return shards.decode_record(payload, self.width)
 
 
-class _TfdsExamples:
+class TfdsExamples:
   """On-the-fly text mode: the records of a prepared TFDS split."""
 
   def __init__(self, data_dir: str, tfds_name: str | None, split: str):
@@ -504,7 +504,7 @@ def make_train_iterator(
 
   precomputed = tf.io.gfile.exists(os.path.join(data_dir, shards.MANIFEST))
   if precomputed:
-    examples = _PrecomputedExamples(
+    examples = PrecomputedExamples(
       data_dir,
       split,
       max_length,
@@ -521,7 +521,7 @@ def make_train_iterator(
       raise ValueError(
         f"text encoder max_length {text_encoder.max_length} != config max_length {max_length}"
       )
-    examples = _TfdsExamples(data_dir, tfds_name, split)
+    examples = TfdsExamples(data_dir, tfds_name, split)
     _check_tfds_image_size(examples.source.dataset_dir, resolution)
     width = int(text_encoder.width)
     encoder_for_batches = text_encoder

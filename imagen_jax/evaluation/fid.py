@@ -13,7 +13,6 @@ layout; clean-fid's KID files with raw `feats` are accepted too).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -21,9 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from imagen_jax import errors
+from imagen_jax.evaluation import image_sources
+
+# Folders of image files, read as pytorch-fid reads them.
+from imagen_jax.evaluation.image_sources import list_images as list_images
+from imagen_jax.evaluation.image_sources import read_image as read_image
 
 # pytorch-fid's list; the suffix is matched case-insensitively.
-IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 DEFAULT_BATCH_SIZE = 50
 DEFAULT_EPS = 1e-6
 # Imaginary parts of the root's diagonal above this mean the covariances are not PSD.
@@ -207,63 +210,13 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, int | None]:
   return mu, sigma, n
 
 
-def list_images(directory: str, flag: str = "--images") -> list[str]:
-  """The image files directly inside `directory`, sorted (pytorch-fid's extensions)."""
-  if not os.path.isdir(directory):
-    raise errors.UserError(f"{flag}={directory!r} is not a directory: pass a folder of images")
-  files = sorted(
-    os.path.join(directory, name)
-    for name in os.listdir(directory)
-    if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-    and os.path.isfile(os.path.join(directory, name))
-  )
-  if not files:
-    raise errors.UserError(
-      f"{flag}={directory!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-      "pass a folder of images"
-    )
-  return files
-
-
-def read_image(path: str) -> np.ndarray:
-  """uint8 RGB [H, W, 3]; grey, palette and alpha images are converted like pytorch-fid."""
-  from imagen_jax import images
-
-  try:
-    return images.load_png(path)  # any format PIL opens, despite the name
-  except OSError as e:
-    raise errors.UserError(f"{path}: not a readable image ({e}): remove or replace it") from e
-
-
 def read_batches(
   files: Sequence[str], batch_size: int, desc: str, progress: bool = True
 ) -> Iterator[list[np.ndarray]]:
-  """Decoded images in chunks of `batch_size`, the next chunk decoding while one is consumed.
-
-  A tqdm bar (rate and ETA) counts a chunk once the consumer asks for the next one.
-  """
-
-  def decode(chunk: Sequence[str]) -> list[np.ndarray]:
-    return [read_image(p) for p in chunk]
-
-  bar = None
-  if progress:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True)
-  chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-  try:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-      pending = pool.submit(decode, chunks[0]) if chunks else None
-      for i in range(len(chunks)):
-        images = pending.result()
-        pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-        yield images
-        if bar is not None:
-          bar.update(len(images))
-  finally:
-    if bar is not None:
-      bar.close()
+  """Decoded image files in chunks of `batch_size`, the next chunk decoding while one is
+  consumed (a tqdm bar with rate and ETA when `progress`)."""
+  source = image_sources.ImageSource("folder", "", len(files), lambda i: read_image(files[i]))
+  return image_sources.batches(source, batch_size, desc, progress)
 
 
 def pad_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -334,10 +287,21 @@ def directory_stats(
   desc: str = "fid features",
 ) -> FeatureStats:
   """Feature statistics of image files (a tqdm bar with rate and ETA when `progress`)."""
+  source = image_sources.ImageSource("folder", "", len(files), lambda i: read_image(files[i]))
+  return source_stats(source, extractor, progress, desc)
+
+
+def source_stats(
+  source: image_sources.ImageSource,
+  extractor: FeatureExtractor,
+  progress: bool = True,
+  desc: str = "fid features",
+) -> FeatureStats:
+  """Feature statistics of every image of a source (folder, precomputed shards, TFDS)."""
   from imagen_jax.evaluation import inception
 
   stats = FeatureStats(inception.FEATURE_DIM)
-  for chunk in read_batches(files, extractor.batch_size, desc, progress):
+  for chunk in image_sources.batches(source, extractor.batch_size, desc, progress):
     for images in _same_shape_runs(chunk):
       stats.update(extractor(np.stack(images)))
   return stats

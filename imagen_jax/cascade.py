@@ -206,10 +206,11 @@ class CascadeStage:
 
 
 def abstract_params(stage: Stage, max_length: int, text_dim: int) -> Any:
-  """ShapeDtypeStructs of a stage's (unboxed) params, placed on one device."""
+  """ShapeDtypeStructs of a stage's (unboxed) params, placed on this process's first device
+  (in a multi-host job each host restores its own copy)."""
   batch = stage.dummy_batch(1, max_length, text_dim)
   shapes = jax.eval_shape(lambda r: nn.unbox(stage.init_params(r, batch)), jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 

@@ -120,8 +120,10 @@ class TextEncoder:
     padded = -(-batch // self._dp) * self._dp
     if padded != batch:
       tokens = np.concatenate([tokens, np.zeros((padded - batch, tokens.shape[1]), tokens.dtype)])
+    # Placed first: a multi-host job refuses numpy inputs to a sharded jit (even on a host mesh).
+    tokens = jax.device_put(tokens.astype(np.int32), parallel.batch_sharding(self.mesh, 2))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self._rules):
-      embeddings, mask = self._forward(self.params, tokens.astype(np.int32))
+      embeddings, mask = self._forward(self.params, tokens)
     if padded != batch:
       embeddings, mask = embeddings[:batch], mask[:batch]
     return embeddings, mask

@@ -181,6 +181,7 @@ def uninterrupted(inputs, tmp_path_factory) -> str:
   return out
 
 
+@pytest.mark.slow
 def test_report_matches_eval_clip_and_a_direct_fid(inputs, uninterrupted, tmp_path):
   report = _report(uninterrupted)
   chosen = coco.select(coco.read_captions(inputs["captions"]), NUM, seed=0)
@@ -223,6 +224,7 @@ def _listed(out) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sampling_resumes_without_redoing_images(
   inputs, uninterrupted, tmp_path, capsys
 ):

@@ -144,6 +144,7 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
   np.testing.assert_allclose(list(got.values()), list(first.values()), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_job_logs_falling_eval_loss_to_metrics_tensorboard_and_a_plot(
   data_dir, tmp_path, caplog
 ):

@@ -80,6 +80,7 @@ def runs(stage_dirs, tmp_path_factory):
   return single, multi, r.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(runs):
   single, multi, stdout = runs
   # Each process sampled its own share of the batches (4 + 2 of the 6 images).

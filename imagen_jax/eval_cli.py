@@ -132,7 +132,12 @@ def _add_coco(subs) -> None:
     "rerunning the same command continues there",
   )
   a("--matrix_sqrt", choices=("sqrtm", "eigh"), default="sqrtm", help="as `eval fid`")
-  a("--fid_batch_size", type=int, default=FID_BATCH, help="images per Inception batch")
+  a(
+    "--fid_batch_size",
+    type=int,
+    default=FID_BATCH,
+    help="images per Inception batch, split over all local devices",
+  )
   a("--clip_batch_size", type=int, default=CLIP_BATCH, help="images per CLIP batch")
   sample_cli.add_sampling_flags(coco)
   sample_cli.add_device_flags(coco)
@@ -149,7 +154,8 @@ def _batch_size_flag(parser: argparse.ArgumentParser) -> None:
     "--batch_size",
     type=int,
     default=DEFAULT_BATCH_SIZE,
-    help=f"images per Inception batch (default {DEFAULT_BATCH_SIZE}, pytorch-fid's)",
+    help=f"images per Inception batch, split over all local devices (default "
+    f"{DEFAULT_BATCH_SIZE}, pytorch-fid's; rounded up to a multiple of the device count)",
   )
 
 

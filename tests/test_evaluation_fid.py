@@ -228,12 +228,18 @@ def test_features_match_pytorch_fid(weights_file):
   """
   g = _golden()
   _, variables = inception.load(weights_file)
+  import jax
+
   extractor = fid.FeatureExtractor(variables, batch_size=2)
+  # Batches are split over every local device (8 here): 2 rounds up to one image per device.
+  assert len(extractor.devices) == jax.local_device_count() == 8 and extractor.batch_size == 8
   got = extractor(g["images"])
   want = g["features"]
   assert got.shape == want.shape == (2, inception.FEATURE_DIM)
   scale = float(np.abs(want).max())
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+  one = fid.FeatureExtractor(variables, batch_size=2, devices=jax.local_devices()[:1])
+  np.testing.assert_allclose(one(g["images"]), got, rtol=1e-5, atol=1e-6 * scale)
 
 
 # ---- statistics and the Fréchet distance ----

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -230,18 +231,25 @@ def pad_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 class FeatureExtractor:
-  """pool3 features of uint8 images, batch by batch on the default JAX device.
+  """pool3 features of uint8 images, each batch split over all local devices.
 
-  Batches are padded to `batch_size` so one shape compiles once per image size.
+  Batches are padded to `batch_size` (rounded up to a multiple of the device count) so one
+  shape compiles once per image size.
   """
 
-  def __init__(self, variables: dict, batch_size: int = DEFAULT_BATCH_SIZE):
-    import jax
-
+  def __init__(
+    self,
+    variables: dict,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    devices: Sequence[Any] | None = None,
+  ):
+    from imagen_jax import parallel
     from imagen_jax.evaluation import inception
 
-    self.batch_size = batch_size
-    self.variables = jax.device_put(variables)
+    self._split = parallel.BatchSplit(devices)
+    self.devices = self._split.devices
+    self.batch_size = self._split.round_up(batch_size)
+    self.variables = self._split.replicate(variables)
     self._apply = _jitted_apply(inception.FIDInceptionV3())
 
   @classmethod
@@ -255,7 +263,7 @@ class FeatureExtractor:
     """uint8 [B, H, W, 3] (B <= batch_size) -> float32 features [B, 2048]."""
     images = np.asarray(images)
     batch = pad_batch(images.astype(np.float32) / 255.0, self.batch_size)  # ToTensor's scaling
-    return np.asarray(self._apply(self.variables, batch))[: images.shape[0]]
+    return np.asarray(self._apply(self.variables, self._split.split(batch)))[: images.shape[0]]
 
 
 _JITTED: dict = {}

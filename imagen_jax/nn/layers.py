@@ -10,7 +10,7 @@ softmax statistics are always computed in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -60,7 +60,8 @@ def constrain(x: Array, axes: Sequence[str | None]) -> Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-def _partitioned(init, axes: Sequence[str | None]):
+def partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
+  """An initialiser whose parameter carries logical axis names (for the sharding rules)."""
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
@@ -100,8 +101,8 @@ def conv(
     padding="SAME",
     dtype=dtype,
     param_dtype=param_dtype,
-    kernel_init=_partitioned(kernel_init, ("conv_height", "conv_width", in_axis, out_axis)),
-    bias_init=_partitioned(nn.initializers.zeros_init(), (out_axis,)),
+    kernel_init=partitioned(kernel_init, ("conv_height", "conv_width", in_axis, out_axis)),
+    bias_init=partitioned(nn.initializers.zeros_init(), (out_axis,)),
     name=name,
   )
 
@@ -118,6 +119,7 @@ class Dense(nn.Module):
     kernel_axes: logical names of the kernel dims, contracted input dims first.
     in_dims: how many trailing input dims are contracted.
     zero_init: zero the kernel.
+    kernel_init: the kernel's initialiser (default: fan-in truncated normal, or zeros).
     use_bias: add a bias (its axes are the output part of `kernel_axes`).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -130,6 +132,7 @@ class Dense(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -137,7 +140,9 @@ class Dense(nn.Module):
     kshape = in_shape + tuple(self.features)
     if len(self.kernel_axes) != len(kshape):
       raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {kshape}")
-    if self.zero_init:
+    if self.kernel_init is not None:
+      init = self.kernel_init
+    elif self.zero_init:
       init = nn.initializers.zeros_init()
     else:
       init = nn.initializers.variance_scaling(
@@ -147,13 +152,13 @@ class Dense(nn.Module):
         in_axis=tuple(range(self.in_dims)),
         out_axis=tuple(range(self.in_dims, len(kshape))),
       )
-    kernel = self.param("kernel", _partitioned(init, self.kernel_axes), kshape, self.param_dtype)
+    kernel = self.param("kernel", partitioned(init, self.kernel_axes), kshape, self.param_dtype)
     contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     if self.use_bias:
       bias = self.param(
         "bias",
-        _partitioned(nn.initializers.zeros_init(), self.kernel_axes[self.in_dims :]),
+        partitioned(nn.initializers.zeros_init(), self.kernel_axes[self.in_dims :]),
         tuple(self.features),
         self.param_dtype,
       )
@@ -179,6 +184,7 @@ def dense(
     kernel_axes: logical names of the kernel dims, contracted input dims first.
     axis: contracted trailing input axes (-1, or (-2, -1) for [heads, kv] inputs).
     zero_init: zero the kernel.
+    kernel_init: the kernel's initialiser (default: fan-in truncated normal, or zeros).
     use_bias: add a bias.
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -222,8 +228,8 @@ class GroupNorm(nn.Module):
       epsilon=self.epsilon,
       dtype=jnp.float32,
       param_dtype=self.param_dtype,
-      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+      bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
     )(x.astype(jnp.float32))
 
 
@@ -239,8 +245,8 @@ class LayerNorm(nn.Module):
       epsilon=self.epsilon,
       dtype=jnp.float32,
       param_dtype=self.param_dtype,
-      scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+      scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+      bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
     )(x.astype(jnp.float32))
 
 
@@ -330,7 +336,7 @@ class AttentionPool(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     query = self.param(
       "query",
-      _partitioned(nn.initializers.normal(1.0 / math.sqrt(d)), ("heads", "kv")),
+      partitioned(nn.initializers.normal(1.0 / math.sqrt(d)), ("heads", "kv")),
       (self.num_heads, head_dim),
       self.param_dtype,
     )

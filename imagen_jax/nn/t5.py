@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from imagen_jax.nn import layers
+
 # Per-size hyperparameters (T5 v1.1): d_model, heads, mlp dim, layers. Head dim 64, vocab 32128.
 # 'tiny' is for tests and demos: small enough that a random checkpoint is a few hundred KB.
 SIZES: dict[str, dict[str, int]] = {
@@ -109,10 +111,6 @@ def relative_position_buckets(
   return ret + np.where(is_small, n, val_if_large)
 
 
-def _partitioned(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
 class RMSNorm(nn.Module):
   """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, computed in float32."""
 
@@ -123,29 +121,15 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     scale = self.param(
-      "scale", _partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32
+      "scale", layers.partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32
     )
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
     return jnp.asarray(y, self.dtype) * jnp.asarray(scale, self.dtype)
 
 
-class Dense(nn.Module):
-  """Bias-free dense layer whose float32 kernel is cast to the compute dtype."""
-
-  features: int
-  kernel_axes: tuple[str, str]
-  kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-      "kernel",
-      _partitioned(self.kernel_init, self.kernel_axes),
-      (x.shape[-1], self.features),
-      jnp.float32,
-    )
-    return jnp.dot(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
+def _dense(features: int, axes: tuple[str, str], init: Any, dtype: Any, name: str) -> nn.Module:
+  """T5's bias-free dense layer: a float32 kernel cast to the compute dtype."""
+  return layers.Dense((features,), axes, use_bias=False, kernel_init=init, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -164,7 +148,7 @@ class Attention(nn.Module):
     b, length, _ = x.shape
 
     def heads(name, init):
-      y = Dense(inner, ("embed", "joined_kv"), init, dtype, name=name)(x)
+      y = _dense(inner, ("embed", "joined_kv"), init, dtype, name=name)(x)
       y = y.reshape(b, length, cfg.num_heads, cfg.head_dim)
       return nn.with_logical_constraint(y, ("batch", "length", "act_heads", "act_kv"))
 
@@ -176,7 +160,7 @@ class Attention(nn.Module):
     )
     weights = jax.nn.softmax(logits + bias).astype(dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, inner)
-    return Dense(cfg.d_model, ("joined_kv", "embed"), kv_init, dtype, name="out")(out)
+    return _dense(cfg.d_model, ("joined_kv", "embed"), kv_init, dtype, name="out")(out)
 
 
 class Mlp(nn.Module):
@@ -189,10 +173,10 @@ class Mlp(nn.Module):
     cfg = self.config
     dtype = cfg.jnp_dtype
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    gate = nn.gelu(Dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name="wi_0")(x))
-    linear = Dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name="wi_1")(x)
+    gate = nn.gelu(_dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name="wi_0")(x))
+    linear = _dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name="wi_1")(x)
     h = nn.with_logical_constraint(gate * linear, ("batch", "length", "mlp"))
-    return Dense(cfg.d_model, ("mlp", "embed"), init, dtype, name="wo")(h)
+    return _dense(cfg.d_model, ("mlp", "embed"), init, dtype, name="wo")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -222,7 +206,7 @@ class Embed(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     table = self.param(
       "embedding",
-      _partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
+      layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
       (self.num_embeddings, self.features),
       jnp.float32,
     )
@@ -240,7 +224,7 @@ class RelativePositionBias(nn.Module):
     cfg = self.config
     table = self.param(
       "rel_embedding",
-      _partitioned(
+      layers.partitioned(
         nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"), ("heads", "relpos_buckets")
       ),
       (cfg.num_heads, cfg.relative_attention_num_buckets),

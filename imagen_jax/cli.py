@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from imagen_jax import errors, gin_utils
+from imagen_jax.utils import interrupts
 
 VERBOSE_FLAG = "--verbose"
 
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = [a for a in argv if a != VERBOSE_FLAG]
   command = next((a for a in argv if a in SUBCOMMANDS), None)
   prog = f"imagen-jax {command}" if command else "imagen-jax"
+  interrupts.install()
   try:
     return run_command(argv)
   except KeyboardInterrupt:

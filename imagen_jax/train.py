@@ -35,6 +35,7 @@ from imagen_jax import checkpoints, errors, images, parallel, perf
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import Stage, StageConfig, stage_spec
 from imagen_jax.training import program as train_program
+from imagen_jax.utils import interrupts
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ def train(
   )
   program = train_program.build_train_program(stage_obj, optimizer, mesh, settings)
   compiled = program.compile()
+  interrupts.check()  # a Ctrl-C during the compile may have been swallowed inside JAX
   flops_per_step = perf.compiled_flops(compiled)
   if is_main:
     log.info(
@@ -406,6 +408,7 @@ class _TrainLoop:
     step = start_step
     try:
       while step < end_step:
+        interrupts.check()
         host_batch = next(self.data_iter)
         if self.sample_every and self.sample_cond is None:
           self.sample_cond = _fixed_sample_condition(host_batch, self.num_sample_images)

@@ -110,3 +110,29 @@ def test_a_machine_without_tpu_gets_no_libtpu_noise(tmp_path):
   )
   assert r.returncode == 0, r.stderr[-2000:]
   assert "TPU_ACCELERATOR_TYPE" not in r.stderr and "libtpu" not in r.stderr, r.stderr
+
+
+def test_a_ctrl_c_swallowed_by_a_bare_except_is_still_honoured():
+  """JAX's compile path has bare `except:` blocks: a SIGINT landing in one raises a
+  KeyboardInterrupt that is swallowed there. `interrupts` records the signal, so the job's next
+  `check()` (after the compile, every training step) raises it again."""
+  import os
+  import signal
+  import time
+
+  from imagen_jax.utils import interrupts
+
+  previous = signal.getsignal(signal.SIGINT)
+  interrupts.install()
+  try:
+    interrupts.check()  # nothing received yet
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1.0)  # the handler's KeyboardInterrupt interrupts this sleep...
+      raise AssertionError("SIGINT was not delivered")
+    except:  # noqa: E722 - ...and a bare except swallows it, as JAX's does
+      pass
+    with pytest.raises(KeyboardInterrupt):
+      interrupts.check()
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -216,8 +216,7 @@ def read_batches(
 ) -> Iterator[list[np.ndarray]]:
   """Decoded image files in chunks of `batch_size`, the next chunk decoding while one is
   consumed (a tqdm bar with rate and ETA when `progress`)."""
-  source = image_sources.ImageSource("folder", "", len(files), lambda i: read_image(files[i]))
-  return image_sources.batches(source, batch_size, desc, progress)
+  return image_sources.batches(image_sources.image_files(files), batch_size, desc, progress)
 
 
 def pad_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -295,8 +294,7 @@ def directory_stats(
   desc: str = "fid features",
 ) -> FeatureStats:
   """Feature statistics of image files (a tqdm bar with rate and ETA when `progress`)."""
-  source = image_sources.ImageSource("folder", "", len(files), lambda i: read_image(files[i]))
-  return source_stats(source, extractor, progress, desc)
+  return source_stats(image_sources.image_files(files), extractor, progress, desc)
 
 
 def source_stats(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,8 +95,12 @@ def open_images(path: str, split: str = "train", flag: str = "--source") -> Imag
     tfds_dir = None
   if tfds_dir is not None:
     return _tfds(tfds_dir, split, flag)
-  files = list_images(path, flag)
-  return ImageSource("folder", path, len(files), lambda i: read_image(files[i]))
+  return image_files(list_images(path, flag), path)
+
+
+def image_files(files: Sequence[str], description: str = "") -> ImageSource:
+  """A list of image files as a source, read in that order."""
+  return ImageSource("folder", description, len(files), lambda i: read_image(files[i]))
 
 
 def _precomputed(path: str, split: str, flag: str) -> ImageSource:

@@ -17,6 +17,7 @@ unconditional branch of classifier-free guidance.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ from flax import linen as nn
 from imagen_jax import parallel
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion import thresholding as thresholding_lib
+from imagen_jax.errors import UserError
 from imagen_jax.stage import Stage, StageConfig, stage_from_spec, stage_spec
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,43 @@ def abstract_params(stage: Stage, max_length: int, text_dim: int) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 
+IF_PREFIX = "if:"  # a --stage_dirs entry naming a DeepFloyd IF dir (diffusers layout)
+
+
+def stage_dir_problem(stage_dir: str) -> str | None:
+  """Why `stage_dir` cannot be loaded as a stage (checked without reading weights), or None."""
+  path = stage_dir.removeprefix(IF_PREFIX)
+  if not os.path.exists(path):
+    return "does not exist"
+  if stage_dir.startswith(IF_PREFIX):
+    if not any(os.path.isfile(os.path.join(path, d, "config.json")) for d in ("unet", "")):
+      return "has no unet/config.json (a diffusers DeepFloyd IF stage dir has one)"
+  elif not os.path.isdir(os.path.join(path, "checkpoints")):
+    return "has no checkpoints/ directory"
+  return None
+
+
+def absolute_stage_dir(stage_dir: str) -> str:
+  """`stage_dir` with its path made absolute (an `if:` prefix kept)."""
+  prefix = IF_PREFIX if stage_dir.startswith(IF_PREFIX) else ""
+  return prefix + os.path.abspath(stage_dir.removeprefix(prefix))
+
+
+def checked_stage_dirs(flag: str) -> list[str]:
+  """--stage_dirs as absolute paths, each checked loadable (UserError naming the bad one)."""
+  dirs = [d.strip() for d in flag.split(",") if d.strip()]
+  if not dirs:
+    raise UserError("--stage_dirs is empty: give training MODEL_DIRs, base stage first")
+  for d in dirs:
+    problem = stage_dir_problem(d)
+    if problem:
+      raise UserError(
+        f"--stage_dirs: {d} {problem}; give the MODEL_DIRs the stages were trained into "
+        "(or if:PATH for a DeepFloyd IF stage)"
+      )
+  return [absolute_stage_dir(d) for d in dirs]
+
+
 def load_stage_dir(model_dir: str, step: int | None = None) -> CascadeStage:
   """Loads a stage's EMA params and recipe from a training MODEL_DIR.
 
@@ -227,7 +266,7 @@ def load_stage_dir(model_dir: str, step: int | None = None) -> CascadeStage:
   """
   from imagen_jax import checkpoints, errors
 
-  if model_dir.startswith("if:"):  # a DeepFloyd IF dir (diffusers layout): deepfloyd/stages.py
+  if model_dir.startswith(IF_PREFIX):  # a DeepFloyd IF dir (diffusers layout): deepfloyd/
     from imagen_jax.deepfloyd import stages as if_stages
 
     return CascadeStage(*if_stages.if_stage(model_dir))
@@ -309,11 +348,18 @@ def resolve_encoder_reference(
   Returns:
     (encoder reference, vocabulary path).
   """
+  # A trained stage's data manifest, else what the stage itself names (an IF pipeline dir's).
   ref = encoder_reference_from_data(stages[0].spec.get("data_dir"))
+  ref = ref or dict(stages[0].spec.get("encoder") or {})
   if t5_size:
     ref["size"] = t5_size
   if t5_checkpoint:
     ref["checkpoint"] = os.path.abspath(t5_checkpoint)
+  if "size" not in ref and os.path.exists(ref.get("checkpoint") or ""):
+    from imagen_jax.text import t5_checkpoints
+
+    with contextlib.suppress(ValueError):  # a Hugging Face T5 names its dimensions
+      ref["size"] = t5_checkpoints.hf_size_name(ref["checkpoint"])
   ref.setdefault("max_length", stages[0].max_length)
   vocab_path = vocab_path or find_vocabulary(ref)
   if vocab_path is None:
@@ -356,6 +402,7 @@ def load_encoder_from_reference(
       f"(sha256 {want_sha[:12]}...)"
     )
   source = checkpoint or reference.get("checkpoint", "random:0")
+  zero_padding = bool(reference.get("zero_padding", True))
   seed = 0
   if source.startswith("random:"):
     seed, source = int(source.split(":", 1)[1]), None
@@ -367,6 +414,7 @@ def load_encoder_from_reference(
     dtype=reference.get("dtype", "bfloat16"),
     mesh=mesh,
     seed=seed,
+    zero_padding=zero_padding,
   )
 
 
@@ -478,7 +526,7 @@ class Cascade:
     the vocabulary found beside the data, unless given (`encoder`) or overridden. `mesh` lays
     out this process's devices (see `Cascade`); the encoder runs on the same mesh.
     """
-    missing = [d for d in stage_dirs if not os.path.isdir(d.removeprefix("if:"))]
+    missing = [d for d in stage_dirs if not os.path.isdir(d.removeprefix(IF_PREFIX))]
     if missing:
       raise FileNotFoundError(f"stage dirs do not exist: {missing}")
     stages = [load_stage_dir(d) for d in stage_dirs]
@@ -492,7 +540,8 @@ class Cascade:
   # --- text ---------------------------------------------------------------------------------
 
   def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> (embeddings [B, L, D] float32, mask [B, L] bool); "" = unconditional (zeros).
+    """Prompts -> (embeddings [B, L, D] float32, mask [B, L] bool); "" = unconditional (zeros,
+    or the encoder's output of "" for an encoder that keeps padding outputs, as IF's).
 
     Prompts longer than the encoder's max length are truncated (EOS kept) with a warning.
     """
@@ -508,9 +557,10 @@ class Cascade:
     emb, mask = self.encoder.encode(prompts)
     emb = np.array(jax.device_get(emb), np.float32)
     mask = np.array(jax.device_get(mask), bool)
-    empty = np.array([p.strip() == "" for p in prompts])
-    emb[empty] = 0.0
-    mask[empty] = False
+    if getattr(self.encoder, "zero_padding", True):  # IF's null condition is T5("") itself
+      empty = np.array([p.strip() == "" for p in prompts])
+      emb[empty] = 0.0
+      mask[empty] = False
     return emb, mask
 
   # --- sampling -----------------------------------------------------------------------------
@@ -617,7 +667,8 @@ class Cascade:
       seeds: one seed per image; the image depends only on (prompt, seed, settings).
       settings: one StageSampling per stage (or one for all).
       negative_prompts: guidance's unconditional branch per image (or one for all); default
-        the dropped-text condition. Only used where guidance_weight != 1.
+        the dropped-text condition (zeros; "" encoded for an IF-style encoder that keeps
+        padding outputs). Only used where guidance_weight != 1.
       lowres: start from these images (float [B or 1, h, w, 3] in [−1, 1]) at the first SR
         stage taking h-px inputs, skipping the stages before it.
       stop_after: stop after this stage (1-based; default: the last).
@@ -638,6 +689,8 @@ class Cascade:
     check_seeds(seeds)
     emb, mask = self.encode(prompts)
     uemb = umask = None
+    if negative_prompts is None and not getattr(self.encoder, "zero_padding", True):
+      negative_prompts = ""  # DeepFloyd IF's unconditional branch: the encoded empty prompt
     if negative_prompts is not None:
       if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)

@@ -370,7 +370,11 @@ def load_bundle(
 def add_arguments(parser) -> None:
   """Flags of `imagen-jax export`."""
   a = parser.add_argument
-  a("--stage_dirs", required=True, help="comma-separated training MODEL_DIRs, base stage first")
+  a(
+    "--stage_dirs",
+    required=True,
+    help="comma-separated training MODEL_DIRs, base stage first (if:PATH = a DeepFloyd IF dir)",
+  )
   a("--out", required=True, help="bundle directory to write (must not exist)")
   a("--overwrite", action="store_true", help="replace an existing --out bundle")
   a("--param_dtype", default="float32", choices=PARAM_DTYPES, help="dtype of the stored params")
@@ -389,10 +393,7 @@ def run(args) -> int:
 
   from imagen_jax import cascade
 
-  stage_dirs = [d for d in args.stage_dirs.split(",") if d]
-  missing = [d for d in stage_dirs if not os.path.isdir(d)]
-  if missing:
-    raise FileNotFoundError(f"--stage_dirs: these do not exist: {missing}")
+  stage_dirs = cascade.checked_stage_dirs(args.stage_dirs)
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"--out={args.out!r} already exists; pass --overwrite to replace it")
   # Before any stage loads (minutes for big ones): the bundle is written beside --out.

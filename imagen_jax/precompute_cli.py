@@ -85,6 +85,12 @@ def add_arguments(parser) -> None:
   )
   a("--t5_size", default="base", help="T5 v1.1 size: tiny | small | base | large | xl | xxl")
   a("--max_length", type=int, default=128, help="text length in tokens (EOS included)")
+  a(
+    "--t5_padding",
+    default="zero",
+    choices=("zero", "keep"),
+    help="embeddings at padding positions: zero (Imagen) | keep (DeepFloyd IF fine-tuning)",
+  )
   a("--examples_per_shard", type=int, default=1024, help="source examples per shard")
   a(
     "--split", action="append", default=None, help="split(s) to process (repeatable; default train)"
@@ -148,6 +154,7 @@ def run(args) -> int:
     t5_checkpoint=_t5_checkpoint_flag(args.t5_checkpoint),
     t5_size=args.t5_size,
     max_length=args.max_length,
+    t5_padding=args.t5_padding,
     examples_per_shard=args.examples_per_shard,
     splits=tuple(args.split or ["train"]),
     source_dir=args.source_dir,

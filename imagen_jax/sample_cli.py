@@ -79,7 +79,9 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--bundle", default=None, help="an export bundle (imagen-jax export)")
   src.add_argument(
-    "--stage_dirs", default=None, help="comma-separated training MODEL_DIRs, base stage first"
+    "--stage_dirs",
+    default=None,
+    help="comma-separated training MODEL_DIRs, base stage first (if:PATH = a DeepFloyd IF dir)",
   )
 
 
@@ -201,16 +203,9 @@ def model_source(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     except (OSError, ValueError) as e:
       raise errors.UserError(f"--bundle={args.bundle}: {errors.one_line(e)}") from e
     return {"bundle": os.path.abspath(args.bundle)}, len(manifest["stages"])
-  dirs = _stage_dirs(args)
-  if not dirs:
-    raise errors.UserError("--stage_dirs is empty: give training MODEL_DIRs, base stage first")
-  for d in dirs:
-    if not os.path.isdir(os.path.join(d, "checkpoints")):
-      problem = "does not exist" if not os.path.exists(d) else "has no checkpoints/ directory"
-      raise errors.UserError(
-        f"--stage_dirs: {d} {problem}; give the MODEL_DIRs the stages were trained into"
-      )
-  return {"stage_dirs": [os.path.abspath(d) for d in dirs]}, len(dirs)
+  from imagen_jax import cascade
+
+  return {"stage_dirs": cascade.checked_stage_dirs(args.stage_dirs)}, len(_stage_dirs(args))
 
 
 def read_lowres(path: str | None) -> tuple[Any, str | None]:

@@ -352,9 +352,30 @@ class Stage:
 # ------------------------------------------------------------------------------------------------
 
 
+def _module_json(module: nn.Module) -> dict[str, Any]:
+  """{class, fields} of a linen module (its dataclass fields, JSON-able)."""
+  cls = type(module)
+  fields = {
+    k: _json_value(getattr(module, k))
+    for k in cls.__dataclass_fields__
+    if k not in ("parent", "name")
+  }
+  return {"class": f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+
+
+def _module_from_json(value: dict[str, Any]) -> nn.Module:
+  module_name, _, cls_name = value["class"].rpartition(".")
+  if not module_name.startswith("imagen_jax."):
+    raise ValueError(f"stage spec network class {value['class']!r} is not imagen_jax's")
+  cls = getattr(importlib.import_module(module_name), cls_name)
+  return cls(**{k: _from_json_value(v) for k, v in value["fields"].items()})
+
+
 def _json_value(value: Any) -> Any:
   if value is None or isinstance(value, bool | int | float | str):
     return value
+  if isinstance(value, nn.Module):  # a submodule field (e.g. an IF U-Net inside its adapter)
+    return {"__module__": _module_json(value)}
   if isinstance(value, tuple | list):
     return [_json_value(v) for v in value]
   if isinstance(value, dict):
@@ -371,6 +392,8 @@ def _from_json_value(value: Any) -> Any:
   if isinstance(value, dict):
     if set(value) == {"__dtype__"}:
       return jnp.dtype(value["__dtype__"])
+    if set(value) == {"__module__"}:
+      return _module_from_json(value["__module__"])
     return {k: _from_json_value(v) for k, v in value.items()}
   return value
 
@@ -393,15 +416,9 @@ def stage_spec(
   Returns:
     {stage_config, network: {class, fields}, max_length, text_dim, ...extra}.
   """
-  cls = type(network)
-  fields = {
-    k: _json_value(getattr(network, k))
-    for k in cls.__dataclass_fields__
-    if k not in ("parent", "name")
-  }
   return {
     "stage_config": dataclasses.asdict(config),
-    "network": {"class": f"{cls.__module__}.{cls.__qualname__}", "fields": fields},
+    "network": _module_json(network),
     "max_length": int(max_length),
     "text_dim": int(text_dim),
     **extra,
@@ -410,12 +427,7 @@ def stage_spec(
 
 def stage_from_spec(spec: dict[str, Any]) -> Stage:
   """Rebuilds the `Stage` a `stage_spec` describes."""
-  module_name, _, cls_name = spec["network"]["class"].rpartition(".")
-  if not module_name.startswith("imagen_jax."):
-    raise ValueError(f"stage spec network class {spec['network']['class']!r} is not imagen_jax's")
-  cls = getattr(importlib.import_module(module_name), cls_name)
-  fields = {k: _from_json_value(v) for k, v in spec["network"]["fields"].items()}
   config_fields = {
     k: tuple(v) if isinstance(v, list) else v for k, v in spec["stage_config"].items()
   }
-  return Stage(cls(**fields), StageConfig(**config_fields))
+  return Stage(_module_from_json(spec["network"]), StageConfig(**config_fields))

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from imagen_jax import checkpoints, errors, images, parallel, perf
 from imagen_jax.diffusion import samplers
 from imagen_jax.stage import Stage, StageConfig, stage_spec
+from imagen_jax.training import init_from as init_from_lib
 from imagen_jax.training import program as train_program
 from imagen_jax.utils import interrupts
 
@@ -135,8 +136,8 @@ def train(
   *,
   model_dir: str,
   data_dir: str,
-  stage: StageConfig,
-  network: nn.Module,
+  stage: StageConfig | None = None,
+  network: nn.Module | None = None,
   batch_size: int,
   num_train_steps: int,
   mesh: Mesh | parallel.MeshConfig | None = None,
@@ -166,14 +167,15 @@ def train(
   eval_every: int = 0,
   eval_batches: int = 4,
   eval_t_grid: tuple[float, ...] = EVAL_T_GRID,
+  init_from: str | None = None,
 ) -> dict[str, float]:
   """Trains one cascade stage; resumes from MODEL_DIR's latest checkpoint automatically.
 
   Args:
     model_dir: where checkpoints, TensorBoard events and sample grids go (local or gs://).
     data_dir: precomputed shards (or a TFDS dir with `text_encoder` for on-the-fly text).
-    stage: the stage's diffusion recipe.
-    network: the U-Net module.
+    stage: the stage's diffusion recipe (with `init_from='if:PATH'`: default IF's).
+    network: the U-Net module (with `init_from='if:PATH'`: default IF's).
     batch_size: global batch size (all processes).
     num_train_steps: total steps of the run (the job stops there; rerunning continues).
     mesh: device mesh or a `parallel.MeshConfig` preset (default: all devices on the data axis).
@@ -198,6 +200,8 @@ def train(
       data without a validation split logs one line and skips it).
     eval_batches: global batches of batch_size / num_microbatches examples per eval.
     eval_t_grid: the diffusion times evaluated (default: midpoints of 8 equal buckets).
+    init_from: a fresh run's weights: 'if:PATH' (a DeepFloyd IF stage dir) or a MODEL_DIR
+      (its newest EMA params); ignored once MODEL_DIR holds a checkpoint (the run resumes).
 
   Returns:
     The last logged metrics.
@@ -205,6 +209,8 @@ def train(
   from imagen_jax.data import input_pipeline  # TF-heavy: import when the job runs
 
   t_start = time.time()
+  init_from_lib.check_init_from(init_from)
+  network, stage = init_from_lib.network_and_stage(init_from, network, stage)
   mesh = parallel.resolve_mesh(mesh)
   validate_config(model_dir, data_dir, batch_size, num_microbatches, mesh)
   if optimizer is None:
@@ -271,18 +277,24 @@ def train(
   # Hosts reach this point after different compile and data-loading times; the init program,
   # the restore and the first step all run collectives, so meet first.
   parallel.wait_for_all_processes("compiled")
-  state = program.init_state(init_rng)
-  if is_main:
-    log.info("sharded init done after %.1fs", time.time() - t_start)
 
-  # --- restore -----------------------------------------------------------------------------
+  # --- restore, else a fresh state ---------------------------------------------------------
   ckpt = checkpoints.Checkpointer(
     os.path.join(model_dir, "checkpoints"),
     max_to_keep=keep_checkpoints,
     save_interval_steps=checkpoint_every,
     async_save=async_checkpointing,
   )
-  state = _restore(ckpt, state, program.state_shardings, data_iter, t_start, is_main)
+  state = _restore(ckpt, program.abstract_state, data_iter, t_start, is_main)
+  if state is None and init_from:
+    params = init_from_lib.initial_params(init_from, network, program.abstract_state.params)
+    state = program.state_from_params(params)
+    if is_main:
+      log.info("initialised from %s after %.1fs", init_from, time.time() - t_start)
+  elif state is None:
+    state = program.init_state(init_rng)
+    if is_main:
+      log.info("sharded init done after %.1fs", time.time() - t_start)
 
   # --- loop --------------------------------------------------------------------------------
   loop = _TrainLoop(
@@ -338,21 +350,22 @@ def _log_eval_compiled(evaluator: Any, validation: Any, eval_every: int, seconds
 
 def _restore(
   ckpt: checkpoints.Checkpointer,
-  state: Any,
-  state_shardings: Any,
+  abstract_state: Any,
   data_iter: Any,
   t_start: float,
   is_main: bool,
 ) -> Any:
-  """The newest loadable checkpoint's state (and data position), or `state` if none."""
-  abstract_state = checkpoints.abstract_with_shardings(
-    state.replace(ema_params=None), state_shardings.replace(ema_params=None)
-  )
-  abstract_ema = checkpoints.abstract_with_shardings(state.ema_params, state_shardings.ema_params)
+  """The newest loadable checkpoint's state (and data position), or None if none.
+
+  Args:
+    abstract_state: the TrainState as ShapeDtypeStructs carrying their shardings.
+  """
   # The job owns MODEL_DIR: unloadable steps are moved aside, so keep-last-K stops counting them.
-  restored = ckpt.restore_latest(abstract_state, abstract_ema, move_aside=True)
+  restored = ckpt.restore_latest(
+    abstract_state.replace(ema_params=None), abstract_state.ema_params, move_aside=True
+  )
   if restored is None:
-    return state
+    return None
   step0, (saved_state, saved_ema, iter_state, _) = restored
   data_iter.set_state(iter_state)
   if is_main:

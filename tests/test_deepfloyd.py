@@ -291,3 +291,168 @@ def test_load_params_straight_into_shardings():
   assert kernel.sharding.spec == flat["down_blocks.1.resnets.0/conv2/kernel"].spec
   assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 8, 4)}
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny random IF pipeline through the commands: sample, export, precompute + train --init_from
+# ------------------------------------------------------------------------------------------------
+
+IF_TEXT_DIM = 64  # the tiny T5's d_model, as IF's encoder_hid_dim is T5-XXL's 4096
+
+
+def _tiny_if_pipeline(root) -> tuple[str, str]:
+  """IF-I (8 px) and IF-II (8 -> 32 px) dirs in the diffusers layout with random weights; IF-I
+  also holds the pipeline's text encoder (HF T5, tiny) and tokenizer, as a download does."""
+  from imagen_jax.nn import t5
+  from imagen_jax.text import t5_checkpoints
+  from tests import train_helpers
+
+  dirs = []
+  for name, golden, size in (("IF-I", "stage_I", 8), ("IF-II", "stage_II", 32)):
+    config = checkpoints.read_config(os.path.join(GOLDEN, golden))
+    config = {**config, "encoder_hid_dim": IF_TEXT_DIM, "sample_size": size}
+    path = str(root / name)
+    checkpoints.write_random_stage(path, config, seed=len(dirs))
+    dirs.append(path)
+  t5_checkpoints.write_random_checkpoint(
+    os.path.join(dirs[0], "text_encoder"), "tiny", fmt="hf", config=t5.get_config("tiny")
+  )
+  os.makedirs(os.path.join(dirs[0], "tokenizer"))
+  shutil.copyfile(
+    train_helpers.shapes_vocabulary(str(root)),
+    os.path.join(dirs[0], "tokenizer", "spiece.model"),
+  )
+  return dirs[0], dirs[1]
+
+
+def test_random_stage_writer_round_trips_through_the_reader(tmp_path):
+  config = checkpoints.read_config(os.path.join(GOLDEN, "stage_II"))
+  checkpoints.write_random_stage(str(tmp_path / "a"), config, seed=3)
+  network, params = checkpoints.load(str(tmp_path / "a"))
+  udir = checkpoints.save_params(str(tmp_path / "b"), config, params, fp16=True)
+  assert set(os.listdir(udir)) == {"diffusion_pytorch_model.fp16.safetensors", "config.json"}
+  _, again = checkpoints.load(str(tmp_path / "b"))
+  # fp16 storage: each weight within half an fp16 ulp of the float32 one.
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2**-11, atol=1e-7), again, params
+  )
+  io = _io("stage_II")
+  out = _apply(network, params, io)
+  assert out.shape == (2, 8, 8, 6) and np.all(np.isfinite(out)) and np.std(out) > 1e-3
+
+
+def test_if_stage_spec_rebuilds_the_network():
+  from imagen_jax.stage import stage_from_spec, stage_spec
+
+  sr, config = stages.if_network_and_config(os.path.join(GOLDEN, "stage_II"))
+  spec = stage_spec(sr, config, 77, 24)
+  rebuilt = stage_from_spec(json.loads(json.dumps(spec)))
+  assert rebuilt.network == sr and rebuilt.config == config
+  assert spec["network"]["fields"]["unet"]["__module__"]["class"].endswith("DeepFloydUNet")
+
+
+@pytest.mark.slow
+def test_if_pipeline_samples_exports_and_fine_tunes_through_the_cli(tmp_path, caplog):
+  from imagen_jax import cli, images
+  from imagen_jax.deepfloyd import checkpoints as if_checkpoints
+
+  stage_i, stage_ii = _tiny_if_pipeline(tmp_path)
+  stage_dirs = f"--stage_dirs=if:{stage_i},if:{stage_ii}"
+  knobs = ["--prompt=a red circle", "--prompt=a blue square", "--steps=3", "--guidance=3"]
+  knobs += ["--no_progress", "--batch_size=2"]
+  assert cli.main(["sample", stage_dirs, f"--out={tmp_path / 'direct'}", *knobs]) == 0
+  direct = images.read_index(str(tmp_path / "direct"))
+  assert [e["stages"] for e in direct["images"]] == [["IF-I", "IF-II"]] * 2
+  pngs = [images.load_png(str(tmp_path / "direct" / e["file"])) for e in direct["images"]]
+  assert pngs[0].shape == (32, 32, 3) and np.abs(pngs[0].astype(int) - pngs[1]).max() > 10
+
+  assert cli.main(["export", stage_dirs, f"--out={tmp_path / 'bundle'}"]) == 0
+  with open(tmp_path / "bundle" / "text_encoder" / "encoder.json") as f:
+    encoder = json.load(f)
+  assert encoder["size"] == "tiny" and encoder["max_length"] == 77
+  assert encoder["zero_padding"] is False  # IF's T5 outputs at padding, and T5("") as null
+  bundle = f"--bundle={tmp_path / 'bundle'}"
+  assert cli.main(["sample", bundle, f"--out={tmp_path / 'bundled'}", *knobs]) == 0
+  bundled = images.read_index(str(tmp_path / "bundled"))
+  for a, b in zip(direct["images"], bundled["images"], strict=True):
+    x = images.load_png(str(tmp_path / "direct" / a["file"])).astype(int)
+    y = images.load_png(str(tmp_path / "bundled" / b["file"])).astype(int)
+    assert np.abs(x - y).max() <= 1  # same weights and encoder: float rounding only
+
+  # Fine-tune IF-I on shapes encoded by the pipeline's own T5 (77 tokens, padding kept).
+  data = str(tmp_path / "data")
+  assert (
+    cli.main(
+      [
+        "precompute",
+        "--source=shapes",
+        f"--out={data}",
+        f"--vocab={stage_i}/tokenizer/spiece.model",
+        f"--t5_checkpoint={stage_i}/text_encoder",
+        "--t5_size=tiny",
+        "--max_length=77",
+        "--t5_padding=keep",
+        "--resolution=8",
+        "--num_examples=32",
+        "--num_validation=8",
+        "--examples_per_shard=16",
+        "--no_progress",
+      ]
+    )
+    == 0
+  )
+  with open(os.path.join(data, "manifest.json")) as f:
+    assert json.load(f)["encoder"]["zero_padding"] is False
+  run = str(tmp_path / "run")
+  argv = [
+    "train",
+    "--gin_file=configs/stages/deepfloyd_if.gin",
+    "--gin_file=configs/mesh/cpu.gin",
+    "--gin_file=configs/runs/tiny.gin",
+    f"--gin.MODEL_DIR='{run}'",
+    f"--gin.DATA='{data}'",
+    f"--gin.train.train.init_from='if:{stage_i}'",
+    f"--gin.train.train.text_dim={IF_TEXT_DIM}",
+    "--gin.train.train.batch_size=8",
+    "--gin.train.train.num_train_steps=4",
+    "--gin.train.train.checkpoint_every=4",
+    "--gin.train.train.log_every=1",
+    "--gin.optim.make_optimizer.learning_rate=1e-3",
+    "--gin.optim.make_optimizer.warmup_steps=0",
+  ]
+  with caplog.at_level("INFO", logger="imagen_jax.train"):
+    assert cli.main(argv) == 0
+  assert f"initialised from if:{stage_i}" in caplog.text
+  from imagen_jax import cascade
+
+  tuned = cascade.load_stage_dir(run)
+  assert tuned.spec["network"]["class"].endswith("DeepFloydStageNet")
+  _, start = if_checkpoints.load(stage_i)
+  deltas = jax.tree_util.tree_leaves(
+    jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), tuned.params, {"unet": start}
+    )
+  )
+  # Started from IF's weights (a random init would differ by O(0.1-1)), then moved: Adam at
+  # lr 1e-3 moves each weight by at most ~1e-3 per step, 4 steps, EMA-averaged.
+  assert max(deltas) < 5e-3 and max(deltas) > 0
+  # The fine-tuned stage samples in place of IF-I, with IF-II after it.
+  tuned_dirs = f"--stage_dirs={run},if:{stage_ii}"
+  assert cli.main(["sample", tuned_dirs, f"--out={tmp_path / 'tuned'}", *knobs]) == 0
+  assert len(images.read_index(str(tmp_path / "tuned"))["images"]) == 2
+
+
+def test_init_from_names_something_loadable_before_any_compile(tmp_path):
+  from imagen_jax.training import init_from
+
+  with pytest.raises(UserError, match="does not exist; pass if:PATH"):
+    init_from.check_init_from(f"if:{tmp_path / 'nope'}")
+  with pytest.raises(UserError, match="has no checkpoints/ directory"):
+    init_from.check_init_from(str(tmp_path))
+  with pytest.raises(UserError, match="train.train.network is not set"):
+    init_from.network_and_stage(None, None, StageConfig(name="x", resolution=8))
+  network, config = init_from.network_and_stage(
+    "if:" + os.path.join(GOLDEN, "stage_II"), None, None
+  )
+  assert network.is_super_resolution and config.lowres_resolution == 2  # 8 px / factor 4
+  assert config.schedule == "deepfloyd" and config.text_drop_prob == 0.0

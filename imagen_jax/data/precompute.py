@@ -70,6 +70,7 @@ class PrecomputeConfig:
   t5_checkpoint: str = RANDOM_WEIGHTS
   t5_size: str = "base"
   max_length: int = 128
+  t5_padding: str = "zero"  # 'zero' (Imagen) | 'keep' (DeepFloyd IF: T5's outputs at padding)
   examples_per_shard: int = 1024
   splits: Sequence[str] = ("train",)
   source_dir: str | None = None
@@ -671,7 +672,12 @@ def _load_encoder(cfg: PrecomputeConfig):
   checkpoint = None if cfg.t5_checkpoint == RANDOM_WEIGHTS else cfg.t5_checkpoint
   mesh = parallel.create_mesh(data=-1, devices=jax.local_devices())
   return text_encoder.load_text_encoder(
-    checkpoint, cfg.vocab, size=cfg.t5_size, max_length=cfg.max_length, mesh=mesh
+    checkpoint,
+    cfg.vocab,
+    size=cfg.t5_size,
+    max_length=cfg.max_length,
+    mesh=mesh,
+    zero_padding=cfg.t5_padding == "zero",
   )
 
 

@@ -253,3 +253,52 @@ def load(
   """(network, params) of a diffusers IF stage dir."""
   network = network_from_config(read_config(path), **overrides)
   return network, load_params(path, network, dtype=dtype)
+
+
+def save_params(
+  path: str, config: Mapping[str, Any], params: Mapping[str, Any], fp16: bool = False
+) -> str:
+  """Writes params as a diffusers IF U-Net dir (`path/unet/config.json` + safetensors).
+
+  The inverse of `load_params` (dense kernels [in, out] -> [out, in], conv HWIO -> OIHW), so a
+  tiny random IF stage can be built without torch; `fp16` writes the `.fp16` variant.
+
+  Returns:
+    The `unet/` directory written.
+  """
+  from safetensors.numpy import save_file
+
+  udir = os.path.join(path, "unet")
+  os.makedirs(udir, exist_ok=True)
+  tensors = {}
+  for keys, value in traverse_util.flatten_dict(params).items():
+    name, layout = diffusers_name(keys)
+    arr = np.asarray(jax.device_get(value), np.float16 if fp16 else np.float32)
+    if layout != "same":
+      arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
+    tensors[name] = np.ascontiguousarray(arr)
+  variant = ".fp16" if fp16 else ""
+  save_file(
+    tensors, os.path.join(udir, f"diffusion_pytorch_model{variant}.safetensors"), {"format": "pt"}
+  )
+  with open(os.path.join(udir, "config.json"), "w") as f:
+    json.dump({"_class_name": "UNet2DConditionModel", **config}, f, indent=2)
+  return udir
+
+
+def write_random_stage(path: str, config: Mapping[str, Any], seed: int = 0) -> str:
+  """A diffusers-layout IF stage dir with random weights for `config` (tests and demos)."""
+  network = network_from_config(config)
+  shapes = traverse_util.flatten_dict(abstract_params(network))
+  rng = np.random.default_rng(seed)
+  params = {}
+  for keys, leaf in shapes.items():
+    shape = tuple(leaf.value.shape if hasattr(leaf, "value") else leaf.shape)
+    if keys[-1] == "scale":  # norms start at 1, as torch initialises them
+      params[keys] = np.ones(shape, np.float32)
+    elif keys[-1] == "kernel":  # unit-variance outputs for unit-variance inputs
+      fan_in = max(int(np.prod(shape[:-1])), 1)
+      params[keys] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    else:  # biases, embeddings
+      params[keys] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  return save_params(path, config, traverse_util.unflatten_dict(params))

@@ -255,10 +255,12 @@ class Encoder(nn.Module):
 class T5Encoder(nn.Module):
   """T5 v1.1 encoder: tokens [B, L] int -> embeddings [B, L, D] in `config.dtype`.
 
-  Positions whose token is 0 (padding) are zero in the output.
+  Positions whose token is 0 (padding) are zero in the output unless `zero_padding` is False
+  (DeepFloyd IF, like Hugging Face's T5EncoderModel, keeps what the encoder computes there).
   """
 
   config: T5Config
+  zero_padding: bool = True
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -267,6 +269,8 @@ class T5Encoder(nn.Module):
     x = Embed(cfg.vocab_size, cfg.d_model, cfg.jnp_dtype, name="token_embedder")(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", None))
     x = Encoder(cfg, name="encoder")(x, mask)
+    if not self.zero_padding:
+      return x
     return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
 

@@ -75,6 +75,11 @@ class TextEncoder:
     )
 
   @property
+  def zero_padding(self) -> bool:
+    """Whether padding positions are zero (Imagen) or the encoder's outputs there (IF)."""
+    return self.module.zero_padding
+
+  @property
   def width(self) -> int:
     """Embedding width D (d_model)."""
     return self.config.d_model
@@ -145,6 +150,7 @@ def load_text_encoder(
   dtype: str = "bfloat16",
   mesh: Mesh | None = None,
   seed: int = 0,
+  zero_padding: bool = True,
 ) -> TextEncoder:
   """Builds the frozen T5 encoder from a checkpoint (format auto-detected) or random weights.
 
@@ -158,6 +164,8 @@ def load_text_encoder(
     dtype: compute and parameter dtype, 'bfloat16' or 'float32'.
     mesh: device mesh; None = all devices, data-parallel.
     seed: weight seed when `checkpoint` is None.
+    zero_padding: zero the embeddings at padding (Imagen); False keeps the encoder's outputs
+      there, as DeepFloyd IF was trained.
 
   Returns:
     The TextEncoder.
@@ -176,7 +184,7 @@ def load_text_encoder(
       f"{config.vocab_size}; use the vocabulary the checkpoint was trained with"
     )
   mesh = mesh if mesh is not None else parallel.create_mesh()
-  module = t5.T5Encoder(config)
+  module = t5.T5Encoder(config, zero_padding=zero_padding)
   init_fn = lambda rng: module.init(rng, jnp.ones((1, 4), jnp.int32))
   _, shardings = parallel.abstract_and_shardings(init_fn, mesh, jax.random.key(seed))
   param_shardings = shardings["params"]
@@ -209,4 +217,6 @@ def load_text_encoder(
     "dtype": dtype,
     "width": config.d_model,
   }
+  if not zero_padding:  # recorded only when off: identities written before it stay equal
+    identity["zero_padding"] = False
   return TextEncoder(module, params, vocab, max_length, mesh, param_shardings, identity)

@@ -14,6 +14,7 @@ Returned trees are the `params` collection of `imagen_jax.nn.t5.T5Encoder`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -125,6 +126,35 @@ def _assemble(
 
 
 # ----------------------------------------------------------------------------- detection
+
+
+def hf_size_name(path: str) -> str:
+  """The T5 size name ('xxl', ...) whose dimensions a Hugging Face dir's config.json has.
+
+  Raises:
+    ValueError: no config.json, or dimensions that match none of `t5.SIZES`.
+  """
+  file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+  if not os.path.isfile(file):
+    raise ValueError(f"T5 checkpoint {path!r} has no config.json beside it; pass the T5 size")
+  with open(file) as f:
+    hf = json.load(f)
+  dims = {
+    "d_model": hf.get("d_model"),
+    "num_heads": hf.get("num_heads"),
+    "head_dim": hf.get("d_kv"),
+    "mlp_dim": hf.get("d_ff"),
+    "num_layers": hf.get("num_layers"),
+    "vocab_size": hf.get("vocab_size"),
+  }
+  for name in t5.SIZES:
+    config = dataclasses.asdict(t5.get_config(name))
+    if all(config[k] == v for k, v in dims.items()):
+      return name
+  raise ValueError(
+    f"T5 checkpoint {path!r}: config.json dimensions {dims} match no T5 v1.1 size "
+    f"({', '.join(t5.SIZES)})"
+  )
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ networks' logical axis names, and the step is lowered on `ShapeDtypeStruct`s tha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +250,18 @@ class TrainProgram:
         .compile(_init_compiler_options(self.mesh))
       )
       return compiled(rng, inputs)
+
+  def state_from_params(self, params: Any) -> TrainState:
+    """A fresh state (step 0, new optimizer state, EMA = params) around given params, e.g. a
+    pretrained stage's (`training.init_from`); `params` must match the network's tree."""
+    want = jax.tree.structure(self.abstract_state.params)
+    if jax.tree.structure(params) != want:
+      raise ValueError("the initial params do not match the network's parameter tree")
+    make = jax.jit(
+      functools.partial(_initial_state, optimizer=self.optimizer),
+      out_shardings=self.state_shardings,
+    )
+    return make(params)
 
 
 def _initial_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:

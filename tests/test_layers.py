@@ -96,6 +96,44 @@ def test_group_norm_float32_stats_for_tiny_widths():
   np.testing.assert_allclose(np.asarray(y).std(axis=(1, 2)), 1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 4, 12), (3, 5, 12)])
+def test_group_norm_matches_flax_in_value_and_gradient(shape):
+  """Ours keeps flax's parameter paths and values; its hand-written VJP (which saves only the
+  input and [B, G] statistics) gives autodiff's gradients of flax's GroupNorm."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(1.0, 3.0, shape), jnp.float32)
+  params = {"scale": jnp.asarray(rng.normal(size=12)), "bias": jnp.asarray(rng.normal(size=12))}
+  ref = nn.GroupNorm(num_groups=4, epsilon=1e-5)
+  ours = layers.GroupNorm(groups=4)
+  shapes = jax.tree.map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x)))
+  assert shapes == {"params": {"GroupNorm_0": {"scale": (12,), "bias": (12,)}}}
+
+  def loss(module, variables, x):
+    return jnp.sum(jnp.sin(3.0 * module.apply(variables, x)))
+
+  want = jax.grad(loss, argnums=(1, 2))(ref, {"params": params}, x)
+  got = jax.grad(loss, argnums=(1, 2))(ours, {"params": {"GroupNorm_0": params}}, x)
+  np.testing.assert_allclose(
+    ours.apply({"params": {"GroupNorm_0": params}}, x),
+    ref.apply({"params": params}, x),
+    atol=2e-6,
+  )
+  np.testing.assert_allclose(got[1], want[1], atol=2e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(
+      got[0]["params"]["GroupNorm_0"][name], want[0]["params"][name], rtol=1e-5, atol=1e-4
+    )
+  # In a bf16 network: bf16 out, and the input's gradient in the input's dtype.
+  bf16 = layers.GroupNorm(groups=4, dtype=jnp.bfloat16)
+  xb = x.astype(jnp.bfloat16)
+  assert bf16.apply({"params": {"GroupNorm_0": params}}, xb).dtype == jnp.bfloat16
+  dx = jax.grad(lambda x: loss(bf16, {"params": {"GroupNorm_0": params}}, x))(xb)
+  assert dx.dtype == jnp.bfloat16
+  # bf16 rounds the input, output and incoming gradient (2^-8 relative each): a few % overall.
+  err = np.linalg.norm(np.asarray(dx, np.float32) - want[1]) / np.linalg.norm(want[1])
+  assert err < 0.03, err
+
+
 @pytest.mark.parametrize("resample", ["none", "down", "up"])
 def test_res_block_starts_as_identity_resample(resample):
   block = layers.ResBlock(8, resample=resample, groups=4)

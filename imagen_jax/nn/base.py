@@ -165,8 +165,10 @@ class TextConditionedUNet(nn.Module):
   @nn.nowrap
   def output_head(self, h: jax.Array) -> jax.Array:
     """GroupNorm, SiLU and a zero-initialised conv to the prediction, returned in float32."""
-    h = layers.GroupNorm(self.norm_groups, param_dtype=self.param_dtype, name="norm_out")(h)
-    h = nn.silu(h).astype(self.dtype)
+    h = layers.GroupNorm(
+      self.norm_groups, param_dtype=self.param_dtype, dtype=self.dtype, name="norm_out"
+    )(h)
+    h = nn.silu(h)
     out = layers.conv(
       self.out_channels, 3, zero_init=True, out_axis="image_channels", name="conv_out", **self._kw
     )(h)

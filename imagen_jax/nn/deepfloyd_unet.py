@@ -131,8 +131,10 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     act = ACTIVATIONS[self.act_fn]
-    norm = lambda name: layers.GroupNorm(self.groups, self.eps, self.param_dtype, name=name)
-    h = act(norm("norm1")(x)).astype(self.dtype)
+    norm = lambda name: layers.GroupNorm(
+      self.groups, self.eps, self.param_dtype, self.dtype, name=name
+    )
+    h = act(norm("norm1")(x))
     if self.resample == "down":
       x, h = (nn.avg_pool(y, (2, 2), (2, 2)) for y in (x, h))
     elif self.resample == "up":

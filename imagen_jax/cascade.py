@@ -34,7 +34,6 @@ from flax import linen as nn
 
 from imagen_jax import parallel
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion import thresholding as thresholding_lib
 from imagen_jax.errors import UserError
 from imagen_jax.stage import Stage, StageConfig, stage_from_spec, stage_spec
 
@@ -57,7 +56,10 @@ class StageSampling:
     eta: DDIM stochasticity (0 = deterministic; 1 = ancestral).
     guidance_weight: classifier-free guidance w (1 = none; paper COCO: 1.35 base, 8 SR).
     thresholding: 'dynamic' (paper), 'static' or 'none'.
-    percentile: dynamic-thresholding percentile p (paper 99.5).
+    percentile: dynamic-thresholding percentile p (None = the stage's `sample_percentile`:
+      99.5 as in the paper, 95 for DeepFloyd IF).
+    max_threshold: cap on dynamic thresholding's s (None = the stage's
+      `sample_max_threshold`: no cap, 1.5 for IF; inf = no cap).
     aug_level: SR stages' noise-conditioning level (None = the stage's `aug_sample_level`).
     time_spacing: 'uniform_t' (steps uniform in time) or 'uniform_log_snr'.
   """
@@ -67,7 +69,8 @@ class StageSampling:
   eta: float = 0.0
   guidance_weight: float = 1.0
   thresholding: str = "dynamic"
-  percentile: float = thresholding_lib.DEFAULT_PERCENTILE
+  percentile: float | None = None
+  max_threshold: float | None = None
   aug_level: float | None = None
   time_spacing: str = "uniform_t"
 
@@ -79,14 +82,18 @@ class StageSampling:
     if self.aug_level is not None and not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f"aug_level={self.aug_level}; must be in [0, 1] (paper: 0 to 0.3)")
 
-  def sampler_config(self) -> samplers.SamplerConfig:
+  def sampler_config(self, stage: StageConfig | None = None) -> samplers.SamplerConfig:
+    """The sampler's config, unset knobs taken from `stage` (else the paper's)."""
+    stage = stage or StageConfig(schedule="cosine")
+    cap = stage.sample_max_threshold if self.max_threshold is None else self.max_threshold
     return samplers.SamplerConfig(
       sampler=self.sampler,
       num_steps=self.num_steps,
       eta=self.eta,
       guidance_weight=float(self.guidance_weight),
       thresholding=self.thresholding,
-      percentile=self.percentile,
+      percentile=stage.sample_percentile if self.percentile is None else self.percentile,
+      max_threshold=None if cap == math.inf else cap,
       time_spacing=self.time_spacing,
     )
 
@@ -746,7 +753,7 @@ def stage_program(stage: Stage, settings: StageSampling, mesh: jax.sharding.Mesh
   Call it inside `SamplingMesh.context()`, where the network's logical constraints apply."""
   key = (type(stage.network), repr(stage.network), stage.config, settings, mesh)
   if key not in _PROGRAMS:
-    config = settings.sampler_config()
+    config = settings.sampler_config(stage.config)
     aug_level = settings.aug_level
 
     def one(params, emb, mask, uemb, umask, rng, lowres):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -37,10 +38,25 @@ _KNOBS = {
     "classifier-free guidance weight w >= 0 (1 = off, larger = follow the prompt more)",
   ),
   "thresholding": ("thresholding", str, "dynamic", "dynamic | static | none"),
-  "percentile": ("percentile", float, "99.5", "dynamic thresholding percentile p"),
+  "percentile": (
+    "percentile",
+    float,
+    "default",
+    "dynamic thresholding percentile p (default: the stage's: 99.5 as the paper, 95 for IF)",
+  ),
+  "max_threshold": (
+    "max_threshold",
+    float,
+    "default",
+    "cap on dynamic thresholding's s (default: the stage's: none, 1.5 for IF; none = no cap)",
+  ),
   "aug_level": ("aug_level", float, "default", "SR noise-conditioning level (default: stage's)"),
   "time_spacing": ("time_spacing", str, "uniform_t", "uniform_t | uniform_log_snr"),
 }
+
+
+# Knobs whose 'default' is the stage's own value (None in StageSampling).
+_STAGE_DEFAULT_KNOBS = ("aug_level", "percentile", "max_threshold")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +149,11 @@ def _per_stage(flag: str, raw: str, num_stages: int, cast) -> list[Any]:
     )
   out = []
   for v in values:
-    if v in ("default", "none", "") and flag == "aug_level":
+    if v in ("default", "") and flag in _STAGE_DEFAULT_KNOBS:
       out.append(None)
+      continue
+    if v == "none" and flag in ("aug_level", "max_threshold"):  # aug: the stage's; cap: none
+      out.append(None if flag == "aug_level" else math.inf)
       continue
     try:
       out.append(cast(v))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from imagen_jax.diffusion import losses, noise_aug, process, samplers, schedules
+from imagen_jax.diffusion import losses, noise_aug, process, samplers, schedules, thresholding
 from imagen_jax.utils.validation import check_choice, check_range
 
 
@@ -40,6 +40,8 @@ class StageConfig:
     aug_schedule: schedule of the low-res noise-conditioning augmentation.
     aug_max_level: training draws aug levels from U(0, aug_max_level).
     aug_sample_level: augmentation level used when sampling.
+    sample_percentile / sample_max_threshold: the stage's default dynamic thresholding (the
+      paper's p = 99.5 and no cap; DeepFloyd IF's 95 with s capped at 1.5).
   """
 
   name: str = "base64"
@@ -53,6 +55,8 @@ class StageConfig:
   aug_schedule: str = "cosine"
   aug_max_level: float = 1.0
   aug_sample_level: float = noise_aug.DEFAULT_SAMPLING_AUG_LEVEL
+  sample_percentile: float = thresholding.DEFAULT_PERCENTILE
+  sample_max_threshold: float | None = None
 
   def __post_init__(self):
     check_choice("schedule", self.schedule, schedules.SCHEDULES)
@@ -61,6 +65,8 @@ class StageConfig:
     check_range("text_drop_prob", self.text_drop_prob, 0.0, 1.0)
     check_range("aug_max_level", self.aug_max_level, 0.0, 1.0)
     check_range("aug_sample_level", self.aug_sample_level, 0.0, 1.0)
+    check_range("sample_percentile", self.sample_percentile, 0.0, 100.0, low_open=True)
+    thresholding.check_max_scale(self.sample_max_threshold)
     if self.lowres_resolution is not None and self.resolution % self.lowres_resolution:
       raise ValueError(
         f"stage {self.name!r}: resolution={self.resolution} must be a multiple of "

@@ -456,3 +456,25 @@ def test_init_from_names_something_loadable_before_any_compile(tmp_path):
   )
   assert network.is_super_resolution and config.lowres_resolution == 2  # 8 px / factor 4
   assert config.schedule == "deepfloyd" and config.text_drop_prob == 0.0
+
+
+def test_if_stages_sample_with_ifs_thresholding_by_default():
+  from imagen_jax import cascade
+  from imagen_jax.diffusion import thresholding
+
+  _, config = stages.if_network_and_config(os.path.join(GOLDEN, "stage_I"))
+  resolved = cascade.StageSampling().sampler_config(config)
+  assert (resolved.percentile, resolved.max_threshold) == (95.0, 1.5)
+  paper = cascade.StageSampling().sampler_config(StageConfig(name="b", schedule="cosine"))
+  assert (paper.percentile, paper.max_threshold) == (99.5, None)
+  explicit = cascade.StageSampling(percentile=99.0, max_threshold=float("inf"))
+  assert explicit.sampler_config(config).max_threshold is None  # inf: no cap
+  # IF's cap: |x| has its 95th percentile at 3, so s = min(3, 1.5) and x -> clip(x, ±1.5) / 1.5.
+  x = jnp.linspace(-3.0, 3.0, 201).reshape(1, 201) * jnp.asarray([[1.0]])
+  x = x.at[0, 0].set(-3.2)
+  scale = thresholding.dynamic_threshold_scale(x, 95.0)
+  capped = thresholding.threshold(x, "dynamic", 95.0, max_scale=1.5)
+  assert float(scale[0]) > 2.5
+  np.testing.assert_allclose(capped, jnp.clip(x, -1.5, 1.5) / 1.5, atol=1e-6)
+  with pytest.raises(ValueError, match="must be >= 1"):
+    cascade.StageSampling(max_threshold=0.5)

@@ -24,6 +24,7 @@ from imagen_jax.stage import Stage, StageConfig, stage_spec
 IF_TEXT_LENGTH = 77  # IF's T5 max length
 IF_AUG_LEVEL = 0.251  # IF's default stage-II noise_level 250
 IF_THRESHOLD_PERCENTILE = discrete.IF_THRESHOLD_PERCENTILE
+IF_MAX_THRESHOLD = discrete.IF_MAX_THRESHOLD
 PREFIX = "if:"
 
 
@@ -72,6 +73,8 @@ def if_network_and_config(
     text_drop_prob=text_drop_prob,
     aug_schedule="deepfloyd",
     aug_sample_level=IF_AUG_LEVEL,
+    sample_percentile=IF_THRESHOLD_PERCENTILE,
+    sample_max_threshold=IF_MAX_THRESHOLD,
   )
   return deepfloyd_unet.DeepFloydStageNet(unet, lowres_factor if sr else None), config
 

@@ -17,9 +17,10 @@ import numpy as np
 
 NUM_STEPS = 1000
 MAX_BETA = 0.999
-# IF's dynamic-thresholding percentile (its schedulers' dynamic_thresholding_ratio 0.95; the
-# Imagen paper's is 99.5). IF also caps s at 1.5, which our thresholding does not.
+# IF's dynamic thresholding: its schedulers' dynamic_thresholding_ratio 0.95 (the Imagen
+# paper's percentile is 99.5) and sample_max_value 1.5 (a cap on s the paper does not have).
 IF_THRESHOLD_PERCENTILE = 95.0
+IF_MAX_THRESHOLD = 1.5
 
 
 def alphas_cumprod() -> np.ndarray:

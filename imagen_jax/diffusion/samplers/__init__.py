@@ -49,6 +49,7 @@ class SamplerConfig:
   guidance_weight: float = 1.0
   thresholding: str = "dynamic"
   percentile: float = thresholding_lib.DEFAULT_PERCENTILE
+  max_threshold: float | None = None  # cap on dynamic thresholding's s (IF: 1.5)
   time_spacing: str = "uniform_t"
 
   def __post_init__(self):
@@ -60,6 +61,7 @@ class SamplerConfig:
     check_choice("objective", self.objective, process.OBJECTIVES)
     check_choice("thresholding", self.thresholding, thresholding_lib.THRESHOLDING_MODES)
     check_range("percentile", self.percentile, 0.0, 100.0, low_open=True)
+    thresholding_lib.check_max_scale(self.max_threshold)
 
 
 def time_grid(num_steps: int) -> jax.Array:
@@ -125,7 +127,9 @@ def sample(
       model_fn, params, z, log_snr_t, cond, uncond, config.guidance_weight
     ).astype(jnp.float32)
     x0 = process.x0_from_model_output(z, out, log_snr_t, config.objective)
-    x0 = thresholding_lib.threshold(x0, config.thresholding, config.percentile)
+    x0 = thresholding_lib.threshold(
+      x0, config.thresholding, config.percentile, config.max_threshold
+    )
     noise = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
     z_next = sampler_step(z, x0, log_snr_t, log_snr_s, history, noise, config.eta)
     z_next = jnp.where(i == config.num_steps - 1, x0, z_next)

@@ -106,6 +106,44 @@ def test_tiny_stage_loss_falls(stage_gin, data_dir, tmp_path):
   assert saved == json.loads(json.dumps(cascade.stage_spec_from_gin(config_text)))
 
 
+def test_init_from_a_model_dir_starts_from_its_ema_params_once(data_dir, tmp_path, caplog):
+  """`init_from=MODEL_DIR` starts a fresh run at that run's EMA params (not a random init) with
+  a fresh optimizer, and is ignored once the new run has a checkpoint of its own."""
+  import logging
+
+  caplog.set_level(logging.INFO, logger="imagen_jax.train")
+  first, tuned = str(tmp_path / "first"), str(tmp_path / "tuned")
+  common = dict(log_every=1, checkpoint_every=1000)
+  _run_in_process(
+    "configs/stages/tiny_base.gin",
+    "configs/mesh/cpu1.gin",
+    first,
+    data_dir,
+    num_train_steps=3,
+    **common,
+  )
+  start = cascade.load_stage_dir(first).params
+  # lr 0 for the tuned run: its weights stay exactly the ones it started from.
+  extra = dict(num_train_steps=1, init_from=first, **common)
+  gin_utils.parse_gin(
+    ["configs/stages/tiny_base.gin", "configs/mesh/cpu1.gin", "configs/runs/tiny.gin"],
+    _bindings(tuned, data_dir, **extra) + ["optim.make_optimizer.learning_rate = 0.0"],
+  )
+  train.configurable_train()()
+  assert f"initialised from {first}" in caplog.text
+  got = cascade.load_stage_dir(tuned).params
+  # EMA of equal params and EMA: d·x + (1 − d)·x, exact up to an ulp.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, start)
+  # Resuming: the run's own step 1 loads; init_from is not applied again.
+  caplog.clear()
+  gin_utils.parse_gin(
+    ["configs/stages/tiny_base.gin", "configs/mesh/cpu1.gin", "configs/runs/tiny.gin"],
+    _bindings(tuned, data_dir, **{**extra, "num_train_steps": 2}),
+  )
+  train.configurable_train()()
+  assert "resumed from" in caplog.text and "initialised from" not in caplog.text
+
+
 def test_train_job_runs_the_program_compile_reports(data_dir, tmp_path, caplog):
   """`imagen-jax compile` on the same gin files reports the fingerprint (sha256 of the lowered
   StableHLO) of the very step the training job ran, so the check cannot drift from the job."""

@@ -12,8 +12,6 @@ Steps (each reuses its output when rerun, so an interrupted demo continues):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
@@ -24,38 +22,6 @@ STAGE_GINS = (
 )
 MAX_LENGTH = 32
 VOCAB_SIZE = 128
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Flags of `imagen-jax demo`."""
-  a = parser.add_argument
-  a("--out", default="demo_out", help="output directory (work files under OUT/work)")
-  a("--num_examples", type=int, default=6000, help="shapes training images (64 px)")
-  a(
-    "--train_steps",
-    default="2600,1200,800",
-    help="training steps of base16,sr32,sr64 (sized for ~20 min on 2 CPU cores)",
-  )
-  a(
-    "--batch_size",
-    default="16",
-    help="training batch of base16,sr32,sr64 (one value or three). 16 rather than 32: the same "
-    "images per second on 2 CPU cores, twice the updates in the budget",
-  )
-  a("--num_prompts", type=int, default=64, help="grammar prompts sampled and scored")
-  a("--sample_steps", default="64,32,32", help="DDIM steps per stage")
-  a("--guidance", default="5,1,1", help="guidance weight per stage")
-  a(
-    "--thresholding",
-    default="static",
-    help="x0 thresholding per stage: none, static or dynamic (one value or three). Static: "
-    "shapes images sit at exactly +-1 (white/black backgrounds), where dynamic thresholding's "
-    "division by s > 1 dims every pixel at every step",
-  )
-  a("--seed", type=int, default=0, help="seed of the prompts and samples")
-  a("--quick", action="store_true", help="smoke run: 20 steps per stage, 600 images, 16 prompts")
-  gin_note = "(stage recipes are configs/stages/demo_*.gin)"
-  a("--gin_file", action="append", default=[], help=f"extra gin files for every stage {gin_note}")
 
 
 def _log(msg: str) -> None:
@@ -168,109 +134,3 @@ def train_stage(
     import gin
 
     gin.clear_config()
-
-
-def _per_stage(flag: str, raw: str, n: int, cast=int) -> list:
-  """A comma-separated flag with one value for all n stages or one value each."""
-  try:
-    values = [cast(v) for v in raw.split(",")]
-  except ValueError as e:
-    raise ValueError(f"--{flag}={raw!r}: {e}; give one value or {n}, comma-separated") from e
-  if len(values) == 1:
-    values *= n
-  if len(values) != n:
-    raise ValueError(f"--{flag}={raw!r}: give one value or {n}")
-  return values
-
-
-def run(args: argparse.Namespace) -> int:
-  """Runs the demo; prints timings and the shapes metric table."""
-  t_start = time.time()
-  if args.quick:
-    args.train_steps, args.num_examples = "20", 600
-    args.num_prompts = min(args.num_prompts, 16)
-    args.sample_steps = "8"
-  train_steps = _per_stage("train_steps", args.train_steps, 3)
-  batch_sizes = _per_stage("batch_size", str(args.batch_size), 3)
-  sample_steps = _per_stage("sample_steps", args.sample_steps, 3)
-  guidance = _per_stage("guidance", args.guidance, 3, float)
-  thresholding = _per_stage("thresholding", args.thresholding, 3, str)
-  from imagen_jax import cascade
-
-  # Built (and so validated) before anything trains.
-  settings = [
-    cascade.StageSampling(num_steps=s, guidance_weight=g, thresholding=th)
-    for s, g, th in zip(sample_steps, guidance, thresholding, strict=True)
-  ]
-  if min(batch_sizes) < 1 or args.num_examples < max(batch_sizes):
-    raise ValueError(
-      f"--batch_size={args.batch_size!r}: each batch must be between 1 and --num_examples "
-      f"({args.num_examples})"
-    )
-  if args.num_prompts < 1:
-    raise ValueError(f"--num_prompts={args.num_prompts}; must be >= 1")
-  out = os.path.abspath(args.out)
-  work = os.path.join(out, "work")
-  os.makedirs(work, exist_ok=True)
-  timings = {}
-
-  _log(f"1-2/5 shapes ({args.num_examples} x 64px), vocabulary, random tiny T5, precompute")
-  t0 = time.time()
-  vocab, data = build_data(work, args.num_examples, args.seed)
-  timings["data"] = time.time() - t0
-
-  stage_dirs = []
-  for gin_file, steps, batch in zip(STAGE_GINS, train_steps, batch_sizes, strict=True):
-    name = os.path.basename(gin_file).removeprefix("demo_").removesuffix(".gin")
-    model_dir = os.path.join(work, name)
-    stage_dirs.append(model_dir)
-    _log(f"3/5 training {name}: {steps} steps at batch {batch}")
-    t0 = time.time()
-    metrics = train_stage(gin_file, model_dir, data, steps, batch, args)
-    timings[f"train_{name}"] = time.time() - t0
-    loss = metrics.get("loss") if metrics else None
-    _log(f"    {name} done in {timings[f'train_{name}']:.0f}s (last loss {loss})")
-
-  import numpy as np
-
-  from imagen_jax import eval_shapes, images
-
-  _log(f"4/5 sampling {args.num_prompts} prompts through the cascade")
-  t0 = time.time()
-  model = cascade.Cascade.from_stage_dirs(stage_dirs, vocab_path=vocab)
-  prompts = demo_prompts(args.num_prompts, args.seed)
-  seeds = [args.seed + i for i in range(len(prompts))]
-  result = model.sample(prompts, seeds, settings, batch_size=min(32, len(prompts)), progress=True)
-  timings["sample"] = time.time() - t0
-  final = images.to_uint8(result.images)
-  sample_dir = os.path.join(out, "samples")
-  settings_json = {
-    st.config.name: x.to_json() for st, x in zip(model.stages, settings, strict=True)
-  }
-  index = images.ImageIndex(sample_dir, {"settings": settings_json})
-  for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-    index.add(i, final[i], {"prompt": p, "seed": s})
-  index.write()
-  # The grid shows every stage: rows of 16 px (upscaled), 32 px (upscaled) and 64 px outputs.
-  n_show = min(16, len(prompts))
-  rows = [
-    [images.resize_nearest(x, 64) for x in images.to_uint8(stage_out[:n_show])]
-    for stage_out in result.per_stage
-  ]
-  grid = images.make_grid(np.asarray([x for row in rows for x in row]), columns=n_show)
-  images.save_png(grid, os.path.join(out, "samples.png"))
-  images.save_png(images.make_grid(final, columns=8), os.path.join(out, "samples_64.png"))
-
-  _log("5/5 shapes metric")
-  accuracy, records = eval_shapes.evaluate_dir(sample_dir)
-  table = eval_shapes.format_table(accuracy, len(records), eval_shapes.QUALITY_BAR)
-  total = time.time() - t_start
-  timings["total"] = total
-  with open(os.path.join(out, "metrics.json"), "w") as f:
-    json.dump({"accuracy": accuracy, "timings_s": timings, "args": vars(args)}, f, indent=1)
-  print(table)
-  print(
-    "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
-    f"\nwrote {os.path.join(out, 'samples.png')} (rows: 16, 32, 64 px stages)",
-  )
-  return 0

@@ -226,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-  """Flags of `imagen-jax eval shapes` (`imagen_jax.eval_cli` mounts them as a benchmark)."""
+  """Flags of `imagen-jax eval shapes` (`imagen_jax.cli.eval` mounts them as a benchmark)."""
   parser.add_argument(
     "--images", required=True, help="directory with index.json and PNGs (from imagen-jax sample)"
   )

@@ -145,7 +145,7 @@ def test_sample_and_export_bad_input(stage_dirs, tmp_path, capsys):
   cli_helpers.user_error(
     capsys,
     ["export", f"--stage_dirs={dirs[0]},{root / 'nope'}", f"--out={tmp_path / 'b'}"],
-    "do not exist",
+    "nope does not exist",  # names the missing stage dir
   )
   cli_helpers.user_error(
     capsys,
@@ -216,7 +216,7 @@ def test_export_skips_a_truncated_newest_checkpoint(stage_dirs, tmp_path, capsys
   "flag,pattern",
   [
     ("--thresholding=dynamic,clip,static", "thresholding='clip'"),
-    ("--guidance=3,1", "give one value or 3"),
+    ("--guidance=3,1", "give one value or one per stage (3 stages)"),
     ("--train_steps=10,x,10", "--train_steps='10,x,10'"),
     ("--batch_size=16,0,16", "--batch_size='16,0,16'"),
   ],

@@ -13,7 +13,8 @@ import time
 import jax
 import pytest
 
-from imagen_jax import compile_cli, gin_utils, parallel, tpu_slices
+from imagen_jax import gin_utils, parallel, tpu_slices
+from imagen_jax.cli import compile as compile_cli
 from imagen_jax.nn import factory
 from imagen_jax.stage import Stage, StageConfig
 from imagen_jax.training import program

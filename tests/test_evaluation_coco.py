@@ -20,7 +20,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from imagen_jax import cli, sample_cli
+from imagen_jax import cli
+from imagen_jax.cli import sample as sample_cli
 from imagen_jax.evaluation import coco, fid
 from tests import cli_helpers, test_cli, test_evaluation_clip, test_evaluation_fid
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import cli, sample_cli
+from imagen_jax import cli
+from imagen_jax.cli import sample as sample_cli
 from launch import local
 from tests import cli_helpers, test_cli
 

@@ -151,7 +151,7 @@ def test_train_job_runs_the_program_compile_reports(data_dir, tmp_path, caplog):
   import logging
   import re
 
-  from imagen_jax import compile_cli
+  from imagen_jax.cli import compile as compile_cli
 
   caplog.set_level(logging.INFO, logger="imagen_jax.train")
   gin_files = ["configs/stages/tiny_sr.gin", "configs/mesh/cpu8_fsdp.gin", "configs/runs/tiny.gin"]

@@ -139,7 +139,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 # ================================================================================================
 
 
-def _per_stage(flag: str, raw: str, num_stages: int, cast) -> list[Any]:
+def per_stage_values(flag: str, raw: str, num_stages: int, cast: Any) -> list[Any]:
+  """A per-stage flag: one value for every stage or one per stage (a,b,c), each cast."""
   values = [v.strip() for v in str(raw).split(",")]
   if len(values) == 1:
     values = values * num_stages
@@ -170,7 +171,7 @@ def stage_settings(args: argparse.Namespace, num_stages: int) -> list[Any]:
   columns = {}
   for flag, (field, cast, _, _) in _KNOBS.items():
     raw = getattr(args, flag)
-    columns[field] = _per_stage(flag, raw, num_stages, cast)
+    columns[field] = per_stage_values(flag, raw, num_stages, cast)
     # StageSampling holds the range checks; each value alone, so the error names its flag.
     for k, value in enumerate(columns[field]):
       try:

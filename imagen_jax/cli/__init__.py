@@ -25,21 +25,21 @@ VERBOSE_FLAG = "--verbose"
 
 # name -> (module, one-line help). Add a subcommand by adding its line here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-  "train": ("imagen_jax.train_cli", "train one cascade stage (gin-configured, resumable)"),
-  "precompute": ("imagen_jax.precompute_cli", "encode captions once and write resumable shards"),
-  "encode": ("imagen_jax.encode", "encode captions with the frozen T5 encoder into an .npz"),
+  "train": ("imagen_jax.cli.train", "train one cascade stage (gin-configured, resumable)"),
+  "precompute": ("imagen_jax.cli.precompute", "encode captions once and write resumable shards"),
+  "encode": ("imagen_jax.cli.encode", "encode captions with the frozen T5 encoder into an .npz"),
   "compile": (
-    "imagen_jax.compile_cli",
+    "imagen_jax.cli.compile",
     "compile a stage's train step for a TPU slice without one: memory, FLOPs, step time",
   ),
-  "info": ("imagen_jax.info", "print params, training FLOPs and compiled memory of a network"),
+  "info": ("imagen_jax.cli.info", "print params, training FLOPs and compiled memory of a network"),
   "eval": (
-    "imagen_jax.eval_cli",
+    "imagen_jax.cli.eval",
     "score images: shapes accuracy, FID (and its reference statistics), CLIP score",
   ),
-  "sample": ("imagen_jax.sample_cli", "prompts -> PNGs + index.json through the cascade"),
-  "export": ("imagen_jax.export", "write an inference bundle (params, configs, StableHLO)"),
-  "demo": ("imagen_jax.demo", "train a tiny 3-stage cascade on shapes, sample and score it"),
+  "sample": ("imagen_jax.cli.sample", "prompts -> PNGs + index.json through the cascade"),
+  "export": ("imagen_jax.cli.export", "write an inference bundle (params, configs, StableHLO)"),
+  "demo": ("imagen_jax.cli.demo", "train a tiny 3-stage cascade on shapes, sample and score it"),
 }
 
 
@@ -114,7 +114,3 @@ def run_command(argv: Sequence[str]) -> int:
   args.gin_bindings = gin_bindings
   module = importlib.import_module(args._module)
   return int(module.run(args) or 0)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

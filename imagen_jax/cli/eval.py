@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_coco(subs) -> None:
-  from imagen_jax import sample_cli
+  from imagen_jax.cli import sample as sample_cli
   from imagen_jax.evaluation.clip import DEFAULT_BATCH_SIZE as CLIP_BATCH
   from imagen_jax.evaluation.fid import DEFAULT_BATCH_SIZE as FID_BATCH
 
@@ -431,7 +431,7 @@ def _coco_report(
 def _sample_args(args: argparse.Namespace, prompts_file: str, out: str) -> argparse.Namespace:
   """`imagen-jax sample`'s arguments: its own defaults for every flag (eval coco need not mount
   them all), then the values eval coco was given, then the drawn prompts and OUT/images."""
-  from imagen_jax import sample_cli
+  from imagen_jax.cli import sample as sample_cli
 
   parser = argparse.ArgumentParser(add_help=False)
   sample_cli.add_arguments(parser)
@@ -444,7 +444,8 @@ def _sample_args(args: argparse.Namespace, prompts_file: str, out: str) -> argpa
 def run_coco(args: argparse.Namespace) -> int:
   """`eval coco`: draws the prompts, samples them with `imagen-jax sample` into OUT/images
   (which resumes a killed run), then writes FID + CLIP score to OUT/report.json and report.md."""
-  from imagen_jax import images, sample_cli
+  from imagen_jax import images
+  from imagen_jax.cli import sample as sample_cli
   from imagen_jax.evaluation import clip, coco, fid
 
   # Everything is checked before sampling (hours at 30K) and before any weights load.

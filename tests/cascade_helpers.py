@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from imagen_jax import cascade
+from imagen_jax.inference import cascade
 from imagen_jax.nn import factory
 from imagen_jax.stage import Stage, StageConfig
 from imagen_jax.text import encoder as encoder_lib

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax import cascade, parallel
+from imagen_jax import parallel
+from imagen_jax.inference import cascade
 from imagen_jax.stage import StageConfig
 from tests import cascade_helpers
 
@@ -116,7 +117,7 @@ def test_empty_prompt_is_unconditional_and_negative_prompts(tiny, caplog):
   np.testing.assert_allclose(empty_negative.images, plain.images, atol=1e-6)
   negative = tiny.sample(PROMPTS, [5, 6], guided, negative_prompts=PROMPTS[::-1], stop_after=1)
   assert np.abs(negative.images - plain.images).mean() > 1e-4
-  with caplog.at_level(logging.WARNING, logger="imagen_jax.cascade"):
+  with caplog.at_level(logging.WARNING, logger="imagen_jax.inference.cascade"):
     tiny.encode(["a large red circle " * 20])
   assert "truncated" in caplog.text
 

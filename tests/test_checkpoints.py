@@ -207,7 +207,7 @@ def test_a_stage_loads_from_its_saved_spec_without_gin(tmp_path):
   gin parse could read (as after renaming the training function), yet sample/export's loader
   rebuilds the same network and params. Steps without the item (the previous layout) are read
   through their gin config: tests/test_cli.py's stage dirs are written that way."""
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
   from tests import cascade_helpers
 
   made = cascade_helpers.random_stage(*cascade_helpers.STAGES[0], seed=3)

@@ -14,7 +14,8 @@ import gin
 import numpy as np
 import pytest
 
-from imagen_jax import cascade, checkpoints, cli, gin_utils
+from imagen_jax import checkpoints, cli, gin_utils
+from imagen_jax.inference import cascade
 from tests import cascade_helpers, cli_helpers
 
 STAGE_GINS = ("configs/stages/demo_base16.gin", "configs/stages/demo_sr32.gin")

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagen_jax import cascade, cli
+from imagen_jax import cli
 from imagen_jax.data import input_pipeline, precompute, records, shapes, shards
+from imagen_jax.inference import cascade
 from imagen_jax.text import vocabulary
 from tests import cli_helpers
 

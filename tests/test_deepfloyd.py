@@ -196,7 +196,7 @@ def _tiny_cascade_stages():
 
 
 def test_tiny_if_cascade_samples_end_to_end():
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   (base, base_params, base_spec), (sr, sr_params, sr_spec) = _tiny_cascade_stages()
   assert sr.config.lowres_resolution == base.config.resolution == 8
@@ -253,7 +253,7 @@ def test_cascade_from_if_stage_dirs(tmp_path):
   """`Cascade.from_stage_dirs` takes `if:PATH` entries (the `--stage_dirs=if:I,if:II` hook)."""
   import types
 
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   # IF-II's factor 4 from stage I's 8 px: stage II at 32 px (the network is convolutional).
   sr_dir = tmp_path / "IF-II"
@@ -423,7 +423,7 @@ def test_if_pipeline_samples_exports_and_fine_tunes_through_the_cli(tmp_path, ca
   with caplog.at_level("INFO", logger="imagen_jax.train"):
     assert cli.main(argv) == 0
   assert f"initialised from if:{stage_i}" in caplog.text
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   tuned = cascade.load_stage_dir(run)
   assert tuned.spec["network"]["class"].endswith("DeepFloydStageNet")
@@ -459,8 +459,8 @@ def test_init_from_names_something_loadable_before_any_compile(tmp_path):
 
 
 def test_if_stages_sample_with_ifs_thresholding_by_default():
-  from imagen_jax import cascade
   from imagen_jax.diffusion import thresholding
+  from imagen_jax.inference import cascade
 
   _, config = stages.if_network_and_config(os.path.join(GOLDEN, "stage_I"))
   resolved = cascade.StageSampling().sampler_config(config)

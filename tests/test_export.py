@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax import cascade, export
+from imagen_jax.inference import bundle as export
+from imagen_jax.inference import cascade
 from tests import cascade_helpers
 
 SETTINGS = (
@@ -135,7 +136,7 @@ def test_rerun_removes_the_temp_dir_of_a_killed_export(exported, tmp_path, caplo
   out = str(tmp_path / "bundle")
   # A real export process creates its temporary bundle (as mid-write) and is SIGKILLed.
   code = (
-    "import sys, time; from imagen_jax import export; "
+    "import sys, time; from imagen_jax.inference import bundle as export; "
     "d = export.make_temp_dir(sys.argv[1]); open(d + '/half', 'w').write('x'); "
     "print(d, flush=True); time.sleep(600)"
   )

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax import cascade, cli, export, images
+from imagen_jax import cli, images
 from imagen_jax.cli import sample as sample_cli
+from imagen_jax.inference import bundle as export
+from imagen_jax.inference import cascade
 from tests import cli_helpers, test_cli
 
 # test_cli's module-scoped tiny stage dirs (base16 -> sr32), built once for this module too.

@@ -20,7 +20,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import cascade, checkpoints, errors, gin_utils, train
+from imagen_jax import checkpoints, errors, gin_utils, train
+from imagen_jax.inference import cascade
 from tests import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
   sample_steps = per_stage_values("sample_steps", args.sample_steps, 3, int)
   guidance = per_stage_values("guidance", args.guidance, 3, float)
   thresholding = per_stage_values("thresholding", args.thresholding, 3, str)
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   # Built (and so validated) before anything trains.
   settings = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from imagen_jax import errors
-from imagen_jax.export import FORMAT_VERSION, PARAM_DTYPES, export_bundle
+from imagen_jax.inference.bundle import FORMAT_VERSION, PARAM_DTYPES, export_bundle
 
 
 def add_arguments(parser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   """Runs `imagen-jax export`."""
 
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   stage_dirs = cascade.checked_stage_dirs(args.stage_dirs)
   if os.path.exists(args.out) and not args.overwrite:

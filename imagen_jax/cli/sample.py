@@ -166,7 +166,7 @@ def per_stage_values(flag: str, raw: str, num_stages: int, cast: Any) -> list[An
 
 def stage_settings(args: argparse.Namespace, num_stages: int) -> list[Any]:
   """One StageSampling per stage from the per-stage flags; UserError naming a bad flag."""
-  from imagen_jax.cascade import StageSampling
+  from imagen_jax.inference.cascade import StageSampling
 
   columns = {}
   for flag, (field, cast, _, _) in _KNOBS.items():
@@ -195,7 +195,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _check_counts(args: argparse.Namespace, total: int) -> None:
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   for flag in ("num_per_prompt", "batch_size"):
     if getattr(args, flag) < 1:
@@ -216,14 +216,14 @@ def _stage_dirs(args: argparse.Namespace) -> list[str]:
 def model_source(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
   """(the source index.json records, its number of stages), checked without loading weights."""
   if args.bundle:
-    from imagen_jax import export
+    from imagen_jax.inference import bundle
 
     try:  # the load verifies every file's sha256; the stage count needs only the manifest
-      manifest = export.read_manifest(args.bundle, verify=False)
+      manifest = bundle.read_manifest(args.bundle, verify=False)
     except (OSError, ValueError) as e:
       raise errors.UserError(f"--bundle={args.bundle}: {errors.one_line(e)}") from e
     return {"bundle": os.path.abspath(args.bundle)}, len(manifest["stages"])
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   return {"stage_dirs": cascade.checked_stage_dirs(args.stage_dirs)}, len(_stage_dirs(args))
 
@@ -393,13 +393,13 @@ def finished_images(
 
 
 def _load_model(args: argparse.Namespace, source: dict[str, Any]):
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   mesh = mesh_config(args)
   if "bundle" in source:
-    from imagen_jax import export
+    from imagen_jax.inference import bundle
 
-    return export.load_bundle(args.bundle, t5_checkpoint=args.t5_checkpoint, mesh=mesh)
+    return bundle.load_bundle(args.bundle, t5_checkpoint=args.t5_checkpoint, mesh=mesh)
   return cascade.Cascade.from_stage_dirs(
     _stage_dirs(args),
     vocab_path=args.vocab,

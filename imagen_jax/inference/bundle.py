@@ -30,10 +30,10 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-# jax / flax / imagen_jax.cascade are imported inside functions: `imagen-jax --help` imports
+# jax / flax / inference.cascade are imported inside functions: `imagen-jax --help` imports
 # this module and must stay fast.
 if TYPE_CHECKING:
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def export_bundle(
   import numpy as np
   from flax import serialization
 
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   if param_dtype not in PARAM_DTYPES:
     raise ValueError(f"param_dtype={param_dtype!r}; must be one of {PARAM_DTYPES}")
@@ -310,7 +310,7 @@ def load_stages(bundle_dir: str, verify: bool = True) -> list[cascade.CascadeSta
   import jax.numpy as jnp
   from flax import serialization
 
-  from imagen_jax import cascade
+  from imagen_jax.inference import cascade
 
   manifest = read_manifest(bundle_dir, verify)
   stages = []
@@ -350,7 +350,8 @@ def load_bundle(
   rules (FSDP-sharded with fsdp > 1); the encoder runs on the same mesh.
   """
 
-  from imagen_jax import cascade, parallel
+  from imagen_jax import parallel
+  from imagen_jax.inference import cascade
 
   stages = load_stages(bundle_dir, verify)
   sampling = parallel.SamplingMesh(mesh)

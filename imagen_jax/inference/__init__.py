@@ -1,0 +1,1 @@
+"""Inference: sampling settings, stage and encoder loading, the cascade and export bundles."""

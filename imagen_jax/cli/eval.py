@@ -12,13 +12,13 @@ score a Hugging Face CLIP folder (`--clip=DIR`). Inputs are checked before the n
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import warnings
 from typing import Any
 
 from imagen_jax import errors, eval_shapes
+from imagen_jax.utils import files
 
 WEIGHTS_HELP = (
   "pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth (read without torch)"
@@ -363,11 +363,6 @@ def _check_inception(path: str) -> None:
     )
 
 
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _write_prompts(out: str, chosen: list[dict[str, str]]) -> str:
   """prompts.json (image ids + captions) and prompts.txt (what `sample` reads); its path."""
   from imagen_jax import images
@@ -404,7 +399,7 @@ def _coco_report(
     "clip_definition": CLIP_DEFINITION,
     "settings": {
       "captions": os.path.abspath(args.captions),
-      "captions_sha256": _sha256(args.captions),
+      "captions_sha256": files.sha256(args.captions),
       "num": args.num,
       "caption_seed": args.caption_seed,
       "num_per_prompt": args.num_per_prompt,

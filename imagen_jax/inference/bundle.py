@@ -19,7 +19,6 @@ left by killed writers.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -29,6 +28,8 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from imagen_jax.utils import files as file_utils
 
 # jax / flax / inference.cascade are imported inside functions: `imagen-jax --help` imports
 # this module and must stay fast.
@@ -40,14 +41,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PARAM_DTYPES = ("float32", "bfloat16")
 _PACKAGES = ("imagen_jax", "jax", "jaxlib", "flax", "numpy", "orbax-checkpoint")
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def _versions() -> dict[str, str | None]:
@@ -259,7 +252,7 @@ def export_bundle(
     for root, _, names in os.walk(tmp):
       for n in sorted(names):
         path = os.path.join(root, n)
-        files[os.path.relpath(path, tmp)] = _sha256(path)
+        files[os.path.relpath(path, tmp)] = file_utils.sha256(path)
     manifest = {
       "format_version": FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -299,7 +292,7 @@ def read_manifest(bundle_dir: str, verify: bool = True) -> dict[str, Any]:
       file_path = os.path.join(bundle_dir, rel)
       if not os.path.isfile(file_path):
         raise FileNotFoundError(f"bundle file {rel!r} listed in the manifest is missing")
-      if _sha256(file_path) != sha:
+      if file_utils.sha256(file_path) != sha:
         raise ValueError(f"bundle file {rel!r} does not match its sha256 in the manifest")
   return manifest
 

@@ -7,13 +7,14 @@ so a long caption still ends like the ones the encoder was trained on. The empty
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import seqio
+
+from imagen_jax.utils import files
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,5 @@ def tokenize(vocab: seqio.Vocabulary, texts: Sequence[str], max_length: int = 12
   return out
 
 
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file's bytes (identifies a vocabulary or checkpoint file in manifests)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+# Hex SHA-256 of a file's bytes (identifies a vocabulary or checkpoint file in manifests).
+file_sha256 = files.sha256

@@ -186,15 +186,13 @@ MISMATCHES = [
 
 
 def _median_timed(fn: Any, repeats: int, warmup: int) -> dict[str, float]:
-  """Median/min/max seconds of `fn()` (blocking) over `repeats` calls after `warmup` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+  """Median/min/max seconds of `fn()` (blocking) over `repeats` calls after `warmup` calls:
+  benchmarks/run.py's timer (stdlib only at import, so the peer's venv can use it too)."""
+  if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+  import run as bench_run
+
+  return bench_run._timed(fn, repeats, warmup)
 
 
 def _ours_stage(args: argparse.Namespace):

@@ -1,6 +1,6 @@
 """Ours vs imagen-pytorch at a matched 32 px base U-Net: train-step and sampling speed, FLOPs.
 
-  python benchmarks/peer_sampling.py [--peer_python=/tmp/peervenv/bin/python] [--rounds=3]
+  python benchmarks/peer_sampling.py [--peer_python=VENV/bin/python] [--rounds=3]
       [--steps=64] [--train_batch=8] [--sample_batch=2] [--out_dir=benchmarks/results]
 
 imagen-pytorch is optional and never imported here: it runs in its own python (`--peer_python`,
@@ -495,6 +495,17 @@ def _log(msg: str) -> None:
   print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _portable(text: str) -> str:
+  """`text` with an absolute path (or a --flag=PATH) outside the repo shortened to its venv part
+  (`.../bin/python` and the directory above): results must not name this machine's paths."""
+  flag, eq, value = text.partition("=") if text.startswith("--") else ("", "", text)
+  if os.path.isabs(value):
+    inside = os.path.abspath(value).startswith(REPO + os.sep)
+    parts = value.rstrip(os.sep).split(os.sep)
+    value = os.path.relpath(value, REPO) if inside else os.path.join("VENV", *parts[-2:])
+  return f"{flag}{eq}{value}"
+
+
 def _machine() -> dict[str, Any]:
   """nproc, `free -g`, load, and whether a background `cli compile` was running."""
 
@@ -504,7 +515,8 @@ def _machine() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
       return ""
 
-  compiles = [ln for ln in sh(["pgrep", "-af", "cli compile"]).splitlines() if ln.strip()]
+  # Only the count: the command lines name this machine's paths.
+  compiles = len([ln for ln in sh(["pgrep", "-f", "cli compile"]).splitlines() if ln.strip()])
   return {
     "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "nproc": sh(["nproc"]) or str(os.cpu_count()),
@@ -620,7 +632,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     f"{[round(x, 2) for x in res['loadavg_end']]}"
     + (
       f"; **a background TPU compile (`imagen_jax.cli compile`) was running** during the run "
-      f"({len(m['background_compiles'])} process(es)): absolute numbers are pessimistic and "
+      f"({m['background_compiles']} process(es)): absolute numbers are pessimistic and "
       "drift, the A/B alternation makes the ratios the figures to read"
       if m["background_compiles"]
       else "; no background compile was running"
@@ -755,10 +767,10 @@ def orchestrate(args: argparse.Namespace) -> int:
           _log(f"{r['framework']} sample {r.get('sampler')}: {r['s_per_image']:.3g} s/image")
       rounds.append(rnd)
   res: dict[str, Any] = {
-    "command": " ".join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+    "command": " ".join(["python", os.path.relpath(__file__, REPO), *map(_portable, sys.argv[1:])]),
     "machine": machine,
     "peer_available": peer_on,
-    "peer_python": args.peer_python,
+    "peer_python": _portable(args.peer_python),
     "settings": {
       **{k: getattr(args, k) for k in SHARED_FLAGS},
       "rounds": args.rounds,

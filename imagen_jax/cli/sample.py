@@ -225,7 +225,8 @@ def model_source(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return {"bundle": os.path.abspath(args.bundle)}, len(manifest["stages"])
   from imagen_jax.inference import cascade
 
-  return {"stage_dirs": cascade.checked_stage_dirs(args.stage_dirs)}, len(_stage_dirs(args))
+  dirs = cascade.checked_stage_dirs(args.stage_dirs)
+  return {"stage_dirs": dirs}, len(dirs)
 
 
 def read_lowres(path: str | None) -> tuple[Any, str | None]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from imagen_jax.deepfloyd import checkpoints
+from imagen_jax.deepfloyd import IF_PREFIX, checkpoints
 from imagen_jax.diffusion import discrete
 from imagen_jax.errors import UserError
 from imagen_jax.nn import deepfloyd_unet
@@ -25,12 +25,6 @@ IF_TEXT_LENGTH = 77  # IF's T5 max length
 IF_AUG_LEVEL = 0.251  # IF's default stage-II noise_level 250
 IF_THRESHOLD_PERCENTILE = discrete.IF_THRESHOLD_PERCENTILE
 IF_MAX_THRESHOLD = discrete.IF_MAX_THRESHOLD
-PREFIX = "if:"
-
-
-def is_if_stage_dir(stage_dir: str) -> bool:
-  """Whether a --stage_dirs entry names an IF stage (`if:PATH`)."""
-  return stage_dir.startswith(PREFIX)
 
 
 def if_network_and_config(
@@ -52,7 +46,7 @@ def if_network_and_config(
       while IF's null condition is T5(""), so fine-tuning leaves the unconditional branch as IF
       trained it rather than teaching it a second one.
   """
-  path = path[len(PREFIX) :] if is_if_stage_dir(path) else path
+  path = path.removeprefix(IF_PREFIX)
   if not os.path.isdir(path):
     raise UserError(
       f"DeepFloyd IF stage dir {path!r} does not exist; pass if:PATH to a diffusers IF dir"
@@ -98,7 +92,7 @@ def if_stage(
     encoder reference).
   """
   network, config = if_network_and_config(path, lowres_factor, resolution, dtype)
-  path = path[len(PREFIX) :] if is_if_stage_dir(path) else path
+  path = path.removeprefix(IF_PREFIX)
   params = {"unet": checkpoints.load_params(path, network.unet)}
   spec = stage_spec(
     network,

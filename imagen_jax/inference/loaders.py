@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from imagen_jax.deepfloyd import IF_PREFIX
 from imagen_jax.errors import UserError
 from imagen_jax.stage import Stage, StageConfig, stage_from_spec, stage_spec
 
@@ -101,9 +102,6 @@ def abstract_params(stage: Stage, max_length: int, text_dim: int) -> Any:
   shapes = jax.eval_shape(lambda r: nn.unbox(stage.init_params(r, batch)), jax.random.key(0))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-
-
-IF_PREFIX = "if:"  # a --stage_dirs entry naming a DeepFloyd IF dir (diffusers layout)
 
 
 def stage_dir_problem(stage_dir: str) -> str | None:

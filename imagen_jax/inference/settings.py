@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion import samplers, thresholding
 from imagen_jax.stage import StageConfig
 
 # ================================================================================================
@@ -57,15 +57,18 @@ class StageSampling:
 
   def sampler_config(self, stage: StageConfig | None = None) -> samplers.SamplerConfig:
     """The sampler's config, unset knobs taken from `stage` (else the paper's)."""
-    stage = stage or StageConfig(schedule="cosine")
-    cap = stage.sample_max_threshold if self.max_threshold is None else self.max_threshold
+    percentile, cap = self.percentile, self.max_threshold
+    if percentile is None:
+      percentile = stage.sample_percentile if stage else thresholding.DEFAULT_PERCENTILE
+    if cap is None and stage:
+      cap = stage.sample_max_threshold
     return samplers.SamplerConfig(
       sampler=self.sampler,
       num_steps=self.num_steps,
       eta=self.eta,
       guidance_weight=float(self.guidance_weight),
       thresholding=self.thresholding,
-      percentile=stage.sample_percentile if self.percentile is None else self.percentile,
+      percentile=percentile,
       max_threshold=None if cap == math.inf else cap,
       time_spacing=self.time_spacing,
     )

@@ -19,26 +19,19 @@ from flax import linen as nn
 from flax import traverse_util
 
 from imagen_jax import checkpoints
+from imagen_jax.deepfloyd import IF_PREFIX
 from imagen_jax.errors import UserError
+from imagen_jax.inference import loaders
 from imagen_jax.stage import StageConfig
-
-IF_PREFIX = "if:"
 
 
 def check_init_from(init_from: str | None) -> None:
   """UserError before any compile when `init_from` names nothing loadable."""
-  if init_from is None:
-    return
-  path = init_from.removeprefix(IF_PREFIX)
-  if not os.path.isdir(path):
+  problem = init_from and loaders.stage_dir_problem(init_from)
+  if problem:
     raise UserError(
-      f"train.train.init_from={init_from!r} does not exist; pass if:PATH (a DeepFloyd IF "
-      "stage dir) or a MODEL_DIR holding checkpoints/"
-    )
-  if not init_from.startswith(IF_PREFIX) and not os.path.isdir(os.path.join(path, "checkpoints")):
-    raise UserError(
-      f"train.train.init_from={init_from!r} has no checkpoints/ directory; pass a MODEL_DIR "
-      "of a trained stage, or if:PATH for a DeepFloyd IF stage dir"
+      f"train.train.init_from={init_from!r} {problem}; pass if:PATH (a DeepFloyd IF stage "
+      "dir) or a MODEL_DIR holding checkpoints/"
     )
 
 

@@ -185,6 +185,19 @@ MISMATCHES = [
 # ================================================================================================
 
 
+def _sampling_record(args: argparse.Namespace, t: dict[str, float]) -> dict[str, Any]:
+  """The settings and per-image seconds (median, min, max) of one timed sampling batch."""
+  b = args.sample_batch
+  return dict(
+    steps=args.num_steps,
+    guidance=args.guidance,
+    batch=b,
+    s_per_image=t["median_s"] / b,
+    s_per_image_min=t["min_s"] / b,
+    s_per_image_max=t["max_s"] / b,
+  )
+
+
 def _median_timed(fn: Any, repeats: int, warmup: int) -> dict[str, float]:
   """Median/min/max seconds of `fn()` (blocking) over `repeats` calls after `warmup` calls:
   benchmarks/run.py's timer (stdlib only at import, so the peer's venv can use it too)."""
@@ -277,16 +290,7 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
     call()  # compiles (and runs once): the timed calls below reuse the executable
     first_s = time.perf_counter() - t0
     t = _median_timed(call, args.sample_repeats, warmup=0)
-    out.update(
-      sampler=args.sampler,
-      steps=args.num_steps,
-      guidance=args.guidance,
-      batch=args.sample_batch,
-      s_per_image=t["median_s"] / args.sample_batch,
-      s_per_image_min=t["min_s"] / args.sample_batch,
-      s_per_image_max=t["max_s"] / args.sample_batch,
-      first_call_s=first_s,
-    )
+    out.update(sampler=args.sampler, **_sampling_record(args, t), first_call_s=first_s)
   return out
 
 
@@ -398,12 +402,7 @@ def peer_worker(args: argparse.Namespace) -> dict[str, Any]:
     out.update(
       sampler=f"imagen-pytorch DDPM ancestral (GaussianDiffusionContinuousTimes, {args.num_steps} "
       "steps, cosine)",
-      steps=args.num_steps,
-      guidance=args.guidance,
-      batch=args.sample_batch,
-      s_per_image=t["median_s"] / args.sample_batch,
-      s_per_image_min=t["min_s"] / args.sample_batch,
-      s_per_image_max=t["max_s"] / args.sample_batch,
+      **_sampling_record(args, t),
     )
   return out
 

@@ -24,27 +24,22 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from imagen_jax import checkpoints, errors, images, parallel, perf
-from imagen_jax.diffusion import samplers
+from imagen_jax import checkpoints, errors, parallel, perf
 from imagen_jax.stage import Stage, StageConfig, stage_spec
+from imagen_jax.training import evaluation
 from imagen_jax.training import init_from as init_from_lib
+from imagen_jax.training import metrics as run_metrics
 from imagen_jax.training import program as train_program
 from imagen_jax.utils import interrupts
 
 log = logging.getLogger(__name__)
 
-# Midpoints of 8 equal buckets of [0, 1]: their mean is the midpoint rule for the loss averaged
-# over t ~ U(0, 1), the expectation the training loss estimates (without text drop).
-EVAL_T_GRID = tuple((k + 0.5) / 8 for k in range(8))
-EVAL_PLOT = "eval_loss.png"
-_EVAL_NOISE_STREAM = 1  # folded into PRNGKey(seed): a key of its own, not one the step splits
+EVAL_T_GRID = evaluation.EVAL_T_GRID  # the gin default of train.train.eval_t_grid
+EVAL_PLOT = evaluation.EVAL_PLOT
 
 
 class TrainingError(RuntimeError):
@@ -219,7 +214,7 @@ def train(
     optimizer = optim.make_optimizer()
   stage_obj = Stage(network, stage)
   is_main = jax.process_index() == 0
-  t_grid = _check_eval_settings(eval_every, eval_batches, eval_t_grid)
+  t_grid = evaluation.check_eval_settings(eval_every, eval_batches, eval_t_grid)
 
   # --- data (validated before any compilation) ---------------------------------------------
   per_process_batch = batch_size // jax.process_count()
@@ -240,9 +235,9 @@ def train(
   validation = None
   if eval_every:
     # One microbatch per eval batch: a forward pass of it fits wherever its training step does.
-    validation = _open_validation(
+    validation = evaluation.open_validation(
       data_dir,
-      _has_validation_split(data_dir, tfds_name),
+      evaluation.has_validation_split(data_dir, tfds_name),
       open_split,
       per_process_batch // num_microbatches,
     )
@@ -269,11 +264,11 @@ def train(
     )
   evaluator = None
   if validation is not None:
-    evaluator = ValidationLoss(
+    evaluator = evaluation.ValidationLoss(
       stage_obj, mesh, program.abstract_state.ema_params, validation, t_grid, eval_batches, seed
     )
     if is_main:
-      _log_eval_compiled(evaluator, validation, eval_every, time.time() - t_start)
+      evaluation.log_eval_compiled(evaluator, validation, eval_every, time.time() - t_start)
   # Hosts reach this point after different compile and data-loading times; the init program,
   # the restore and the first step all run collectives, so meet first.
   parallel.wait_for_all_processes("compiled")
@@ -305,7 +300,7 @@ def train(
     data_iter=data_iter,
     ckpt=ckpt,
     model_dir=model_dir,
-    config_text=_operative_config(),
+    config_text=run_metrics.operative_config(),
     # Saved with every checkpoint: readers rebuild the stage from it, not from this
     # function's gin selectors.
     spec=stage_spec(network, stage, max_length, text_dim, data_dir=data_dir),
@@ -323,29 +318,6 @@ def train(
     debug_step_delay_s=debug_step_delay_s,
   )
   return loop.run(state, train_rng, num_train_steps, max_steps_this_run)
-
-
-def _check_eval_settings(eval_every: int, eval_batches: int, eval_t_grid: Any) -> tuple[float, ...]:
-  """The eval knobs, checked before any work; returns the t grid (empty when eval is off)."""
-  if eval_every < 0 or eval_batches < 1:
-    raise errors.UserError(
-      f"eval_every={eval_every} must be >= 0 and eval_batches={eval_batches} >= 1; pass e.g. "
-      "--gin.train.train.eval_every=1000 --gin.train.train.eval_batches=4"
-    )
-  return check_eval_t_grid(eval_t_grid) if eval_every else ()
-
-
-def _log_eval_compiled(evaluator: Any, validation: Any, eval_every: int, seconds: float) -> None:
-  log.info(
-    "eval step compiled: %d validation examples x %d t every %d steps (%.1fs)%s",
-    evaluator.num_examples,
-    len(evaluator.t_grid),
-    eval_every,
-    seconds,
-    f"; the split has {validation.num_examples}, so examples repeat, each with its own noise"
-    if evaluator.num_examples > validation.num_examples
-    else "",
-  )
 
 
 def _restore(
@@ -424,7 +396,7 @@ class _TrainLoop:
         interrupts.check()
         host_batch = next(self.data_iter)
         if self.sample_every and self.sample_cond is None:
-          self.sample_cond = _fixed_sample_condition(host_batch, self.num_sample_images)
+          self.sample_cond = run_metrics.fixed_sample_condition(host_batch, self.num_sample_images)
         batch = global_batch.to_global_batch({k: host_batch[k] for k in self.batch_keys}, self.mesh)
         state, metrics = self.compiled(state, batch, train_rng)
         step += 1
@@ -455,10 +427,12 @@ class _TrainLoop:
 
   def _open_logs(self, start_step: int) -> None:
     self.writer = (
-      _SummaryWriter(os.path.join(self.model_dir, "tensorboard")) if self.is_main else None
+      run_metrics.SummaryWriter(os.path.join(self.model_dir, "tensorboard"))
+      if self.is_main
+      else None
     )
-    self.metrics_log = _JsonLines(os.path.join(self.model_dir, "metrics.jsonl"))
-    self.keys_log = _JsonLines(
+    self.metrics_log = run_metrics.JsonLines(os.path.join(self.model_dir, "metrics.jsonl"))
+    self.keys_log = run_metrics.JsonLines(
       os.path.join(self.model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
     )
     # Steps after the restored one were logged by a run that died before checkpointing them;
@@ -497,7 +471,7 @@ class _TrainLoop:
   def _sample_and_evaluate(self, step: int, state: Any) -> None:
     if self.sample_every and step % self.sample_every == 0:
       # Every host runs the sampler (the EMA params are sharded across hosts); host 0 writes.
-      _write_sample_grid(
+      run_metrics.write_sample_grid(
         self.stage,
         state.ema_params,
         self.sample_cond,
@@ -508,7 +482,7 @@ class _TrainLoop:
         self.sample_guidance_weight,
       )
     if self.evaluator is not None and step % self.eval_every == 0:
-      _evaluate(
+      evaluation.evaluate(
         self.evaluator, state.ema_params, step, self.writer, self.metrics_log, self.model_dir
       )
 
@@ -528,331 +502,6 @@ class _TrainLoop:
 
 # ================================================================================================
 # Eval: the validation split's loss at a fixed grid of t
-# ================================================================================================
-
-
-def check_eval_t_grid(t_grid: Any) -> tuple[float, ...]:
-  """The grid as floats: distinct times strictly inside (0, 1) (λ(t) is infinite at 0 and 1)."""
-  try:
-    values = tuple(float(t) for t in t_grid)
-  except (TypeError, ValueError):
-    values = ()
-  if not values or len(set(values)) != len(values) or not all(0 < t < 1 for t in values):
-    raise errors.UserError(
-      f"eval_t_grid={t_grid!r} must be distinct times in (0, 1); pass e.g. "
-      "--gin.train.train.eval_t_grid=(0.25,0.5,0.75)"
-    )
-  return values
-
-
-def eval_metric_names(t_grid: tuple[float, ...]) -> list[str]:
-  """metrics.jsonl / TensorBoard names: `eval/loss` (the mean) then one per t."""
-  return ["eval/loss"] + [f"eval/loss_t{t:g}" for t in t_grid]
-
-
-def make_eval_step(
-  stage: Stage, t_grid: tuple[float, ...], key: jax.Array
-) -> Callable[[Any, dict], jax.Array]:
-  """(params, batch with an int 'index' per row) -> [T, B] per-example losses, one row per t.
-
-  Example i's noise is drawn from fold_in(key, i), so it depends on neither the batch layout
-  nor the devices; one ε per example serves every t, so buckets differ by t, not by noise.
-  """
-  ts = jnp.asarray(t_grid, jnp.float32)
-
-  def eval_step(params: Any, batch: dict) -> jax.Array:
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
-    draw = lambda name, stream: jax.vmap(
-      lambda k: jax.random.normal(jax.random.fold_in(k, stream), batch[name].shape[1:])
-    )(keys)
-    noise = draw("image", 0)
-    aug_noise = draw("lowres", 1) if "lowres" in batch else None
-    inputs = {k: v for k, v in batch.items() if k != "index"}
-    b = batch["image"].shape[0]
-    at = lambda t: stage.loss_at(params, inputs, jnp.full((b,), t), noise, aug_noise)
-    return jax.lax.map(at, ts)  # one t at a time: the activations of one forward pass
-
-  return eval_step
-
-
-class ValidationLoss:
-  """The validation split's loss at a fixed t grid: the same examples, t and noise each call.
-
-  Args:
-    stage: the stage (owns the objective: `Stage.loss_at`).
-    mesh: the training mesh; the eval batch is split over ('data', 'fsdp') like training's.
-    params_like: arrays or ShapeDtypeStructs with the params' shapes and shardings.
-    examples: this process's validation iterator; rewound to its start on every call.
-    t_grid: diffusion times (`check_eval_t_grid`).
-    num_batches: global batches per call (the eval set: the iterator's first ones).
-    seed: the run seed the noise key derives from.
-  """
-
-  def __init__(
-    self,
-    stage: Stage,
-    mesh: Mesh,
-    params_like: Any,
-    examples: Any,
-    t_grid: tuple[float, ...],
-    num_batches: int,
-    seed: int,
-  ):
-    self.examples, self.t_grid, self.num_batches, self.mesh = examples, t_grid, num_batches, mesh
-    self._start = examples.get_state()
-    self.local_batch = examples.batch_size
-    self.global_batch = examples.batch_size * jax.process_count()
-    shapes = {
-      k: jax.ShapeDtypeStruct(
-        (self.global_batch, *s[1:]), d, sharding=parallel.batch_sharding(mesh, len(s))
-      )
-      for k, (s, d) in examples.batch_shapes().items()
-    }
-    shapes["index"] = jax.ShapeDtypeStruct(
-      (self.global_batch,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1)
-    )
-    self._fields = tuple(shapes)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), _EVAL_NOISE_STREAM)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params_like)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-      self._step = (
-        jax.jit(
-          make_eval_step(stage, t_grid, key),
-          in_shardings=(param_shardings, {k: v.sharding for k, v in shapes.items()}),
-          out_shardings=parallel.replicated(mesh),
-        )
-        .lower(params_like, shapes)
-        .compile()
-      )
-
-  @property
-  def num_examples(self) -> int:
-    return self.num_batches * self.global_batch
-
-  def __call__(self, params: Any) -> dict[str, float]:
-    """{'eval/loss': mean, 'eval/loss_t<t>': per-t means}, summed on the host in float64."""
-    from imagen_jax.data import global_batch
-
-    self.examples.set_state(self._start)
-    sums = np.zeros(len(self.t_grid), np.float64)
-    for b in range(self.num_batches):
-      host = next(self.examples)
-      first = b * self.global_batch + jax.process_index() * self.local_batch
-      host["index"] = np.arange(first, first + self.local_batch, dtype=np.int32)
-      batch = global_batch.to_global_batch({k: host[k] for k in self._fields}, self.mesh)
-      sums += np.asarray(jax.device_get(self._step(params, batch)), np.float64).sum(axis=1)
-    means = sums / self.num_examples
-    return dict(zip(eval_metric_names(self.t_grid), [float(means.mean()), *map(float, means)]))
-
-
-def _open_validation(
-  data_dir: str, split_exists: bool, make_iterator: Callable[..., Any], batch_size: int
-) -> Any:
-  """This process's validation iterator, or None (logged once) when the data has no split."""
-  if not split_exists:
-    log.info(
-      "eval_every is set but %s has no validation split (precompute writes it with "
-      "--split=train --split=validation): no eval loss",
-      data_dir,
-    )
-    return None
-  examples = make_iterator(split="validation", batch_size=batch_size, num_threads=2)
-  if not examples.num_examples:
-    log.info("the validation split of %s is empty: no eval loss", data_dir)
-    return None
-  return examples
-
-
-def _evaluate(
-  evaluator: ValidationLoss,
-  params: Any,
-  step: int,
-  writer: Any,
-  metrics_log: Any,
-  model_dir: str,
-) -> None:
-  """Runs the eval (every host: it is one program); host 0 logs, writes and redraws the plot."""
-  t0 = time.time()
-  scalars = evaluator(params)
-  if writer is None:
-    return
-  writer.write(step, scalars)
-  metrics_log.write(step, scalars)
-  _write_eval_plot(metrics_log.path, list(scalars), os.path.join(model_dir, EVAL_PLOT))
-  log.info("eval step %d: eval/loss %.5f (%.1fs)", step, scalars["eval/loss"], time.time() - t0)
-
-
-def _has_validation_split(data_dir: str, tfds_name: str | None) -> bool:
-  """Whether the precomputed manifest (or, on-the-fly, the TFDS dataset) has 'validation'."""
-  import tensorflow as tf
-
-  from imagen_jax.data import records, shards
-
-  if tf.io.gfile.exists(os.path.join(data_dir, shards.MANIFEST)):
-    return "validation" in shards.read_manifest(data_dir)["splits"]
-  source = records.TfdsSource(records.find_tfds_dir(data_dir, tfds_name), "train")
-  return "validation" in source.available_splits
-
-
-def _write_eval_plot(metrics_path: str, names: list[str], path: str) -> None:
-  """MODEL_DIR/eval_loss.png: every eval record of metrics.jsonl, the mean thick."""
-  import json
-
-  import tensorflow as tf
-
-  from imagen_jax.evaluation import curves
-
-  with tf.io.gfile.GFile(metrics_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  records = [r for r in records if names[0] in r]
-  series = {n: ([r["step"] for r in records], [r.get(n, np.nan) for r in records]) for n in names}
-  images.save_png(curves.plot_series(series, "validation loss at fixed t (eval/*)"), path)
-
-
-# ================================================================================================
-# Helpers: config text, summaries, sample grids
-# ================================================================================================
-
-
-def _operative_config() -> str:
-  try:
-    import gin
-
-    return gin.config_str()
-  except Exception:  # gin not configured (direct Python call)
-    return ""
-
-
-class _JsonLines:
-  """Appends {'step': N, ...} records to a JSON-lines file (created on first write)."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def drop_after(self, step: int) -> int:
-    """Rewrites the file without records past `step` (and a line torn by a kill), atomically.
-
-    Returns:
-      The number of lines dropped.
-    """
-    import json
-
-    import tensorflow as tf
-
-    from imagen_jax.data import shards  # its temp-then-rename writer serves gs:// too
-
-    if not tf.io.gfile.exists(self.path):
-      return 0
-    with tf.io.gfile.GFile(self.path) as f:
-      lines = f.read().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # half a line: the writer was killed mid-write
-      if line.endswith("\n") and record.get("step", 0) <= step:
-        kept.append(line)
-    if len(kept) == len(lines):
-      return 0
-    shards.atomic_write_text(self.path, "".join(kept))
-    log.info(
-      "%s: dropped %d records past step %d (redone now)", self.path, len(lines) - len(kept), step
-    )
-    return len(lines) - len(kept)
-
-  def write(self, step: int, value: Any) -> None:
-    import json
-
-    import tensorflow as tf
-
-    if isinstance(value, dict):
-      record = {"step": step, **value}
-    else:
-      keys = (
-        [] if value is None else [k.decode() if isinstance(k, bytes) else str(k) for k in value]
-      )
-      record = {"step": step, "keys": keys}
-    tf.io.gfile.makedirs(os.path.dirname(self.path))
-    with tf.io.gfile.GFile(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
-
-class _SummaryWriter:
-  """TensorBoard scalars via tf.summary (works for local and gs:// dirs)."""
-
-  def __init__(self, logdir: str):
-    import tensorflow as tf
-
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(logdir)
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    with self._writer.as_default(step=step):
-      for name, value in scalars.items():
-        if value is not None and np.isfinite(value):
-          self._tf.summary.scalar(name, value)
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
-def _fixed_sample_condition(host_batch: dict, n: int) -> dict:
-  """The first n examples of the run's first global batch: fixed prompts for the sample grids.
-
-  Those rows live on host 0; every host gets host 0's copy, since sampling is one program that
-  all hosts run on the same inputs.
-  """
-  keys = ("text_emb", "text_mask", "lowres", "image")
-  cond = {k: np.asarray(host_batch[k][:n]) for k in keys if k in host_batch}
-  if jax.process_count() > 1:
-    cond = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(cond))
-  return cond
-
-
-def _write_sample_grid(
-  stage: Stage,
-  ema_params: Any,
-  cond: dict,
-  step: int,
-  model_dir: str,
-  mesh: Mesh,
-  sample_steps: int,
-  guidance_weight: float,
-) -> None:
-  """Samples the fixed prompts with the EMA params and writes samples/step_N.png.
-
-  Rows: (SR stages) the low-res input, then the sample, then the training image.
-  """
-  config = samplers.SamplerConfig(
-    sampler="ddim", num_steps=sample_steps, guidance_weight=guidance_weight
-  )
-  with jax.set_mesh(mesh):
-    out = stage.sample(
-      ema_params,
-      jnp.asarray(cond["text_emb"]),
-      jnp.asarray(cond["text_mask"]),
-      jax.random.PRNGKey(step),
-      config,
-      lowres=jnp.asarray(cond["lowres"]) if "lowres" in cond else None,
-    )
-  if jax.process_count() > 1:
-    out = multihost_utils.process_allgather(out, tiled=True)
-  if jax.process_index() != 0:
-    return
-  out = images.to_uint8(jax.device_get(out))
-  res = out.shape[1]
-  rows = []
-  if "lowres" in cond:
-    rows.append(np.stack([images.resize_nearest(x, res) for x in images.to_uint8(cond["lowres"])]))
-  rows.append(out)
-  if "image" in cond and cond["image"].shape[1] == res:
-    rows.append(images.to_uint8(cond["image"]))
-  grid = images.make_grid(np.concatenate(rows), columns=out.shape[0])
-  images.save_png(grid, os.path.join(model_dir, "samples", f"step_{step:08d}.png"))
-
-
 @functools.cache
 def configurable_train() -> Callable[..., dict]:
   """`train` as gin sees it (bindings under `train.train.*`)."""

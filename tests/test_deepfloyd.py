@@ -420,7 +420,7 @@ def test_if_pipeline_samples_exports_and_fine_tunes_through_the_cli(tmp_path, ca
     "--gin.optim.make_optimizer.learning_rate=1e-3",
     "--gin.optim.make_optimizer.warmup_steps=0",
   ]
-  with caplog.at_level("INFO", logger="imagen_jax.train"):
+  with caplog.at_level("INFO", logger="imagen_jax"):
     assert cli.main(argv) == 0
   assert f"initialised from if:{stage_i}" in caplog.text
   from imagen_jax.inference import cascade

@@ -112,7 +112,7 @@ def test_init_from_a_model_dir_starts_from_its_ema_params_once(data_dir, tmp_pat
   a fresh optimizer, and is ignored once the new run has a checkpoint of its own."""
   import logging
 
-  caplog.set_level(logging.INFO, logger="imagen_jax.train")
+  caplog.set_level(logging.INFO, logger="imagen_jax")
   first, tuned = str(tmp_path / "first"), str(tmp_path / "tuned")
   common = dict(log_every=1, checkpoint_every=1000)
   _run_in_process(
@@ -154,7 +154,7 @@ def test_train_job_runs_the_program_compile_reports(data_dir, tmp_path, caplog):
 
   from imagen_jax.cli import compile as compile_cli
 
-  caplog.set_level(logging.INFO, logger="imagen_jax.train")
+  caplog.set_level(logging.INFO, logger="imagen_jax")
   gin_files = ["configs/stages/tiny_sr.gin", "configs/mesh/cpu8_fsdp.gin", "configs/runs/tiny.gin"]
   extra = dict(num_train_steps=1, log_every=1, num_microbatches=2)
   _run_in_process(*gin_files[:2], str(tmp_path), data_dir, **extra)

@@ -1,4 +1,4 @@
-"""Eval during training: the validation split's loss at a fixed t grid (train.ValidationLoss).
+"""Eval during training: the validation split's loss at a fixed t grid (evaluation.ValidationLoss).
 
 The loss must be a function of the params alone (same examples, t and noise every call, on
 any number of devices), so its curve over steps is comparable; the training job logs it to
@@ -20,10 +20,11 @@ import pytest
 
 from imagen_jax import errors, gin_utils, parallel, train
 from imagen_jax.stage import Stage
+from imagen_jax.training import evaluation
 from tests import train_helpers
 
 STAGE_GIN = "configs/stages/tiny_base.gin"
-GRID = train.EVAL_T_GRID
+GRID = evaluation.EVAL_T_GRID
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
   one = parallel.MeshConfig(data=1, fsdp=1, model=1, max_devices=1).build()
   eight = parallel.MeshConfig(data=2, fsdp=4, model=1).build()
   params, _ = _init_params(stage_obj, one)
-  evaluate = train.ValidationLoss(stage_obj, one, params, _validation(data_dir, 8), GRID, 2, 0)
+  evaluate = evaluation.ValidationLoss(stage_obj, one, params, _validation(data_dir, 8), GRID, 2, 0)
   assert evaluate.num_examples == 16
 
   # Closed form at init: the output conv is zero-initialised, so ε-prediction's loss of example
@@ -118,7 +119,7 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
     ]
   )
   at_init = evaluate(params)
-  assert list(at_init) == train.eval_metric_names(GRID)
+  assert list(at_init) == evaluation.eval_metric_names(GRID)
   np.testing.assert_allclose(list(at_init.values()), expected, rtol=1e-6)
 
   # A non-trivial network: perturb every weight (zero output would hide the devices' numerics).
@@ -126,7 +127,7 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
   params = jax.device_put(host, jax.tree.map(lambda p: p.sharding, params))
   first, second = evaluate(params), evaluate(params)
   assert first == second  # bit-identical: same examples, t and noise on every call
-  per_t = [first[n] for n in train.eval_metric_names(GRID)[1:]]
+  per_t = [first[n] for n in evaluation.eval_metric_names(GRID)[1:]]
   assert len(set(per_t)) == len(GRID)  # the buckets really differ by t
   np.testing.assert_allclose(first["eval/loss"], np.mean(per_t), rtol=1e-12)
 
@@ -137,7 +138,9 @@ def test_eval_loss_is_fixed_per_params_on_1_and_8_devices(data_dir, tmp_path):
     stage_obj.dummy_batch(1, train_helpers.MAX_LENGTH, train_helpers.TEXT_DIM),
   )
   sharded = jax.device_put(host, shardings)
-  on_eight = train.ValidationLoss(stage_obj, eight, sharded, _validation(data_dir, 8), GRID, 2, 0)
+  on_eight = evaluation.ValidationLoss(
+    stage_obj, eight, sharded, _validation(data_dir, 8), GRID, 2, 0
+  )
   # Same values on 8 devices (FSDP 2x4) up to float32 reduction order inside the convolutions:
   # measured max relative difference 0 to a few 1e-7; 1e-5 allows for other CPUs.
   got = on_eight(sharded)
@@ -150,7 +153,7 @@ def test_train_job_logs_falling_eval_loss_to_metrics_tensorboard_and_a_plot(
 ):
   import tensorflow as tf
 
-  caplog.set_level(logging.INFO, logger="imagen_jax.train")
+  caplog.set_level(logging.INFO, logger="imagen_jax")
   gin_utils.parse_gin(
     [STAGE_GIN, "configs/mesh/cpu1.gin", "configs/runs/tiny.gin"],
     _bindings(
@@ -166,7 +169,7 @@ def test_train_job_logs_falling_eval_loss_to_metrics_tensorboard_and_a_plot(
   train.configurable_train()()
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  names = train.eval_metric_names(GRID)
+  names = evaluation.eval_metric_names(GRID)
   evals = [r for r in records if "eval/loss" in r]
   assert [r["step"] for r in evals] == [20, 40, 60, 80]
   assert all(sorted(r) == sorted(["step", *names]) for r in evals)
@@ -182,7 +185,7 @@ def test_train_job_logs_falling_eval_loss_to_metrics_tensorboard_and_a_plot(
       tags.update(v.tag for v in event.summary.value)
   assert set(names) <= tags
 
-  plot = np.asarray(PIL.Image.open(tmp_path / train.EVAL_PLOT).convert("RGB"))
+  plot = np.asarray(PIL.Image.open(tmp_path / evaluation.EVAL_PLOT).convert("RGB"))
   assert plot.shape == (400, 640, 3)
   # The mean is drawn thick in black over a white canvas: there are dark pixels inside the axes.
   inside = plot[30:360, 61:489]
@@ -198,22 +201,22 @@ def test_data_without_a_validation_split_skips_eval_with_one_line(data_dir, tmp_
   del manifest["splits"]["validation"]
   with open(manifest_path, "w") as f:
     json.dump(manifest, f)
-  assert train._has_validation_split(data_dir, None)
-  assert not train._has_validation_split(no_val, None)
+  assert evaluation.has_validation_split(data_dir, None)
+  assert not evaluation.has_validation_split(no_val, None)
   # On-the-fly text mode reads the prepared TFDS dataset's splits (shapes builds both).
   (info,) = glob.glob(
     os.path.join(os.path.dirname(data_dir), "tfds", "**", "dataset_info.json"), recursive=True
   )
-  assert train._has_validation_split(os.path.dirname(info), None)
-  caplog.set_level(logging.INFO, logger="imagen_jax.train")
-  assert train._open_validation(no_val, False, None, 8) is None
+  assert evaluation.has_validation_split(os.path.dirname(info), None)
+  caplog.set_level(logging.INFO, logger="imagen_jax")
+  assert evaluation.open_validation(no_val, False, None, 8) is None
   assert caplog.text.count("no validation split") == 1
 
 
 @pytest.mark.parametrize("grid", [(), (0.0, 0.5), (0.5, 1.0), (0.2, 0.2), "x"])
 def test_bad_t_grid_is_a_user_error(grid):
   with pytest.raises(errors.UserError, match=r"eval_t_grid=.* must be distinct times in \(0, 1\)"):
-    train.check_eval_t_grid(grid)
+    evaluation.check_eval_t_grid(grid)
 
 
 def test_plot_draws_the_headline_from_its_first_to_its_last_point():
@@ -239,7 +242,7 @@ def test_sr_eval_loss_is_loss_at_with_each_example_index_noise(data_dir, tmp_pat
   params, shardings = _init_params(stage_obj, one)
   params = jax.device_put(_perturbed(params), shardings)
   grid, seed = (0.3, 0.7), 3
-  evaluate = train.ValidationLoss(
+  evaluate = evaluation.ValidationLoss(
     stage_obj, one, params, _validation(data_dir, 4, 32, 16), grid, 2, seed
   )
   got = evaluate(params)

@@ -175,6 +175,28 @@ def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsy
   assert 1 / 1.5 < ratio < 1.5, ratio
 
 
+def test_multi_slice_subslice_keeps_the_cross_slice_all_reduce(tmp_path):
+  """2 × v5p-128 with --subslice compiles one 16-chip sub-slice per slice (data=2): libtpu
+  partitions the program per slice (16 partitions) and sends the gradient sum between slices
+  as megascale (DCN) transfers, which a single-slice program has none of."""
+  out, hlo = tmp_path / "r.json", tmp_path / "step.hlo"
+  args = _args(
+    ["configs/stages/tiny_base.gin", "configs/mesh/2x-v5p-128.gin"],
+    SMALL_NET,
+    subslice=True,
+    json_out=str(out),
+    hlo_out=str(hlo),
+  )
+  assert compile_cli.run(args) == 0
+  report = json.loads(out.read_text())[0]
+  assert report["target"] == "2 × v5p-128" and report["compiled_on"] == "2 × v5p-32"
+  assert report["chips"] == 128 and report["mesh"] == {"data": 8, "fsdp": 16, "model": 1}
+  assert report["global_batch"] == 2048 and report["per_device_batch"] == 16
+  text = hlo.read_text()
+  assert "num_partitions=16" in text
+  assert text.count("megascale_reduce_operation") > 0
+
+
 def test_headroom_is_the_limit_the_tpu_compiler_must_meet(capsys):
   """The compiler rematerialises until a program fits its HBM limit, so headroom is checked by
   lowering that limit: (1 - headroom) × HBM, whole MiB. The small step at its batch of 16 needs

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--subslice",
     action="store_true",
-    help="compile the data=1 sub-slice (fsdp × model chips) at the same per-device batch: the "
-    "per-chip memory and FLOPs of the full slice, at a fraction of the host memory",
+    help="compile the data=1 sub-slice (fsdp × model chips; one per slice for a multi-slice "
+    "preset) at the same per-device batch: the per-chip memory and FLOPs of the full slice, at "
+    "a fraction of the host memory",
   )
   parser.add_argument(
     "--sample",
@@ -126,7 +127,8 @@ def _mesh_config(bindings: dict[str, Any], topology: str | None):
 
 
 def _target(mesh_cfg, subslice: bool) -> tuple[Target, Any]:
-  """The target and the mesh config compiled (the data=1 sub-slice with --subslice)."""
+  """The target and the mesh config compiled (the data=1 sub-slice with --subslice; for a
+  multi-slice preset, one such sub-slice per slice)."""
   if mesh_cfg.topology is None:
     if subslice:
       raise ValueError("--subslice needs a TPU topology (--topology or the preset's own)")
@@ -138,12 +140,21 @@ def _target(mesh_cfg, subslice: bool) -> tuple[Target, Any]:
     return Target(name, tpu, mesh_cfg.num_slices, tpu, []), mesh_cfg
   chips = sizes[1] * sizes[2]
   sub = tpu_slices.slice_with_chips(tpu.generation, chips)
-  note = (
-    f"compiled on the data=1 sub-slice {sub.name} ({chips} chips: fsdp={sizes[1]} × "
-    f"model={sizes[2]}) at the full slice's per-device batch; per-chip memory and FLOPs are the "
-    f"full slice's, its data-axis gradient all-reduce is not in the program"
-  )
-  sub_cfg = dataclasses.replace(mesh_cfg, data=1, topology=sub.name, num_slices=1)
+  if mesh_cfg.num_slices == 1:
+    note = (
+      f"compiled on the data=1 sub-slice {sub.name} ({chips} chips: fsdp={sizes[1]} × "
+      f"model={sizes[2]}) at the full slice's per-device batch; per-chip memory and FLOPs are "
+      f"the full slice's, its data-axis gradient all-reduce is not in the program"
+    )
+  else:
+    # One data replica per slice keeps the cross-slice (DCN) gradient all-reduce in the program.
+    note = (
+      f"compiled on {mesh_cfg.num_slices} × the sub-slice {sub.name} ({chips} chips each: "
+      f"data={mesh_cfg.num_slices} × fsdp={sizes[1]} × model={sizes[2]}) at the full slices' "
+      f"per-device batch; per-chip memory and FLOPs are the full slices', the gradient "
+      f"all-reduce across slices is in the program, the one inside each slice is not"
+    )
+  sub_cfg = dataclasses.replace(mesh_cfg, data=mesh_cfg.num_slices, topology=sub.name)
   return Target(name, tpu, mesh_cfg.num_slices, sub, [note]), sub_cfg
 
 
@@ -186,7 +197,9 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   full_dp = full_sizes[0] * full_sizes[1]
   per_device = settings.batch_size // full_dp
   if args.subslice:
-    settings = dataclasses.replace(settings, batch_size=per_device * full_sizes[1])
+    settings = dataclasses.replace(
+      settings, batch_size=per_device * full_sizes[1] * full_cfg.num_slices
+    )
   mesh = _build_mesh(target, mesh_cfg)
   optimizer = bindings.get("optimizer")
   if optimizer is None:
@@ -217,7 +230,7 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
     program="train_step",
     stage=stage.config.name,
     target=target.name if target.tpu else f"{len(mesh.devices.flat)} local devices",
-    compiled_on=target.compiled_on.name if target.compiled_on else "local devices",
+    compiled_on=_compiled_on_name(target),
     chips=full_devices,
     hosts=hosts,
     mesh=dict(zip(parallel.MESH_AXES, full_sizes)),
@@ -234,6 +247,13 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
     notes=notes,
   )
   return report, (program, mesh, target)
+
+
+def _compiled_on_name(target: Target) -> str:
+  if target.compiled_on is None:
+    return "local devices"
+  prefix = f"{target.num_slices} × " if target.num_slices > 1 else ""
+  return prefix + target.compiled_on.name
 
 
 def _hbm_limit(target: Target, headroom: float) -> tuple[int | None, str]:

@@ -69,8 +69,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walker_sees_function_level_imports():
   graph = _import_graph()
   assert "imagen_jax.nn.unet" in graph and "imagen_jax.cli" in graph
-  # train.py imports the data pipeline inside `train()` only.
-  assert "imagen_jax.data.input_pipeline" in graph["imagen_jax.train"]
+  # training/job.py imports the data pipeline inside `run()` only.
+  assert "imagen_jax.data.input_pipeline" in graph["imagen_jax.training.job"]
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 

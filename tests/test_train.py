@@ -22,6 +22,7 @@ import pytest
 
 from imagen_jax import checkpoints, errors, gin_utils, train
 from imagen_jax.inference import cascade
+from imagen_jax.training import job
 from tests import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -401,7 +402,7 @@ def test_text_shape_mismatch_names_bindings_that_exist(data_dir, tmp_path):
 
   shapes = {"text_emb": ((16, 32, 48), "float32")}
   with pytest.raises(errors.UserError) as e:
-    train._check_batch_shapes(shapes, 16, 64, unet.UNet(text_dim=64))
+    job.check_batch_shapes(shapes, 16, 64, unet.UNet(text_dim=64))
   msg = str(e.value)
   fixes = re.findall(r"--gin\.([^\s,]+)", msg)
   assert fixes == ["train.train.max_length=32", "train.train.text_dim=48", "unet.UNet.text_dim=48"]

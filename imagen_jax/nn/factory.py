@@ -1,115 +1,83 @@
-"""One table of network sizes and one place that builds networks from a size name or gin.
+"""Network sizes, read from their gin files, and one place that builds networks by name or gin.
 
-`configs/models/<size>.gin` spells each size out field by field (the operative config saved
-with a run shows every value); `NETWORK_SIZES` holds the same values for code and tests, and a
-test keeps the two in step.
+`configs/models/<size>.gin` spells each size out field by field, with the arithmetic behind the
+paper's parameter counts, and is the only place a size's values are written: `NETWORK_SIZES`
+reads those files (gin's parser only: nothing is bound in gin's global config), so code, tests
+and `--gin_file=configs/models/<size>.gin` cannot disagree.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flax import linen as nn
 
 from imagen_jax.nn import efficient_unet, unet
 
-# size -> (network class, fields). Paper sizes reproduce Imagen Appendix F; the widths the
-# paper leaves unstated (embedding widths, SR-1024's last block depth) are chosen to land on the
-# published parameter counts (see configs/models/*.gin for the arithmetic).
-NETWORK_SIZES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-  # Base 64x64, paper 2B: ADM, 512 channels, mult (1,2,3,4), 3 res blocks, attention at 32/16/8.
-  "base64": (
-    unet.UNet,
-    dict(
-      image_size=64,
-      channels=512,
-      channel_mult=(1, 2, 3, 4),
-      num_res_blocks=3,
-      attention_resolutions=(32, 16, 8),
-      text_attention=True,
-      head_dim=64,
-      emb_dim=1024,
-      text_dim=4096,
-      dropout=0.0,
-    ),
-  ),
-  # SR 64->256, paper 600M: blocks (128,2)(256,4)(512,8)(1024,8), self+text attention last.
-  "sr256": (
-    efficient_unet.EfficientUNet,
-    dict(
-      image_size=256,
-      lowres_factor=4,
-      channels=128,
-      block_channels=(128, 256, 512, 1024),
-      block_res_blocks=(2, 4, 8, 8),
-      block_attention=("none", "none", "none", "self_text"),
-      num_heads=8,
-      emb_dim=2048,
-      text_dim=4096,
-    ),
-  ),
-  # SR 256->1024, paper 400M: text cross-attention only, trained on 256 crops of 1024 images.
-  "sr1024": (
-    efficient_unet.EfficientUNet,
-    dict(
-      image_size=256,
-      lowres_factor=4,
-      channels=128,
-      block_channels=(128, 256, 512, 1024),
-      block_res_blocks=(2, 4, 8, 7),
-      block_attention=("none", "none", "none", "cross"),
-      num_heads=8,
-      emb_dim=512,
-      text_dim=4096,
-    ),
-  ),
-  # Demo cascade (tiny T5, width 64): base 16px -> SR 16->32 -> SR 32->64 (crops of 32).
-  "tiny_base": (
-    unet.UNet,
-    dict(
-      image_size=16,
-      channels=32,
-      channel_mult=(1, 1, 2),
-      num_res_blocks=1,
-      attention_resolutions=(8, 4),
-      text_attention=True,
-      head_dim=16,
-      emb_dim=64,
-      text_dim=64,
-      norm_groups=8,
-    ),
-  ),
-  "tiny_sr": (
-    efficient_unet.EfficientUNet,
-    dict(
-      image_size=32,
-      lowres_factor=2,
-      channels=32,
-      block_channels=(32, 64, 64),
-      block_res_blocks=(1, 1, 2),
-      block_attention=("none", "none", "self_text"),
-      num_heads=4,
-      emb_dim=64,
-      text_dim=64,
-      norm_groups=8,
-    ),
-  ),
-  "tiny_sr_crossonly": (
-    efficient_unet.EfficientUNet,
-    dict(
-      image_size=32,
-      lowres_factor=2,
-      channels=32,
-      block_channels=(32, 64, 64),
-      block_res_blocks=(1, 1, 2),
-      block_attention=("none", "none", "cross"),
-      num_heads=4,
-      emb_dim=64,
-      text_dim=64,
-      norm_groups=8,
-    ),
-  ),
+MODELS_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models"
+)
+# The network classes a size file may configure, by the name its gin block uses.
+NETWORK_CLASSES: dict[str, type[nn.Module]] = {
+  "unet.UNet": unet.UNet,
+  "efficient_unet.EfficientUNet": efficient_unet.EfficientUNet,
 }
+# The U-Net size files (configs/models/ also holds the T5 encoder sizes, t5_*.gin).
+SIZE_NAMES = ("base64", "sr256", "sr1024", "tiny_base", "tiny_sr", "tiny_sr_crossonly")
+
+
+def read_size_file(path: str) -> tuple[type[nn.Module], dict[str, Any]]:
+  """The network class and fields a size file binds (`factory.network.module = @Cls()` and a
+  `Cls:` block of literal values)."""
+  from gin import config_parser
+
+  class _Literals(config_parser.ParserDelegate):
+    def configurable_reference(self, scoped_name: str, evaluate: bool) -> str:
+      del evaluate
+      return scoped_name
+
+    def macro(self, name: str) -> str:
+      raise ValueError(f"{path}: macro %{name} in a network size file; write the value")
+
+  with open(path) as f:
+    statements = list(config_parser.ConfigParser(f.read(), _Literals()))
+  bindings = [s for s in statements if isinstance(s, config_parser.BindingStatement)]
+  module = [s.value for s in bindings if (s.selector, s.arg_name) == ("factory.network", "module")]
+  if len(module) != 1 or module[0] not in NETWORK_CLASSES:
+    raise ValueError(
+      f"{path} must bind factory.network.module to one of "
+      f"{sorted('@' + c + '()' for c in NETWORK_CLASSES)}"
+    )
+  fields = {s.arg_name: s.value for s in bindings if s.selector == module[0]}
+  return NETWORK_CLASSES[module[0]], fields
+
+
+class _SizeTable(Mapping):
+  """size -> (network class, fields), each file read once, when first asked for."""
+
+  def __init__(self) -> None:
+    self._read: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
+
+  def __getitem__(self, size: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    if size not in SIZE_NAMES:
+      raise KeyError(size)
+    if size not in self._read:
+      self._read[size] = read_size_file(os.path.join(MODELS_DIR, f"{size}.gin"))
+    cls, fields = self._read[size]
+    return cls, dict(fields)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(SIZE_NAMES)
+
+  def __len__(self) -> int:
+    return len(SIZE_NAMES)
+
+
+# Paper sizes reproduce Imagen Appendix F; the widths the paper leaves unstated (embedding
+# widths, SR-1024's last block depth) are chosen in the files to land on the published counts.
+NETWORK_SIZES: Mapping[str, tuple[type[nn.Module], dict[str, Any]]] = _SizeTable()
 
 
 def build_network(size: str, **overrides: Any) -> nn.Module:

@@ -16,6 +16,8 @@ from imagen_jax import checkpoints, perf
 from imagen_jax.stage import Stage
 from imagen_jax.training import evaluation
 from imagen_jax.training import metrics as run_metrics
+from imagen_jax.training.config import MonitorConfig
+from imagen_jax.training.hooks import StepHook
 from imagen_jax.utils import interrupts
 
 log = logging.getLogger(__name__)
@@ -81,16 +83,10 @@ class TrainLoop:
   spec: dict[str, Any]
   batch_size: int
   flops_per_step: float | None
-  log_every: int
-  max_consecutive_nonfinite: int
-  sample_every: int
-  num_sample_images: int
-  sample_steps: int
-  sample_guidance_weight: float
+  monitor: MonitorConfig
   evaluator: Any
   eval_every: int
-  record_example_keys: bool
-  debug_step_delay_s: float
+  hooks: tuple[StepHook, ...] = ()
 
   def run(
     self, state: Any, train_rng: jax.Array, num_train_steps: int, max_steps_this_run: int | None
@@ -116,18 +112,18 @@ class TrainLoop:
       while step < end_step:
         interrupts.check()
         host_batch = next(self.data_iter)
-        if self.sample_every and self.sample_cond is None:
-          self.sample_cond = run_metrics.fixed_sample_condition(host_batch, self.num_sample_images)
+        if self.monitor.sample_every and self.sample_cond is None:
+          self.sample_cond = run_metrics.fixed_sample_condition(
+            host_batch, self.monitor.num_sample_images
+          )
         batch = global_batch.to_global_batch({k: host_batch[k] for k in self.batch_keys}, self.mesh)
         state, metrics = self.compiled(state, batch, train_rng)
         step += 1
         self.window_steps += 1
-        if self.record_example_keys:
-          self.keys_log.write(step, host_batch.get("key"))
-        if self.debug_step_delay_s:
-          time.sleep(self.debug_step_delay_s)
+        for hook in self.hooks:
+          hook.after_step(step, host_batch)
         ckpt_due = self.ckpt.should_save(step)
-        if step % self.log_every == 0 or step == end_step or ckpt_due:
+        if step % self.monitor.log_every == 0 or step == end_step or ckpt_due:
           self._log(step, state, metrics)
         self._sample_and_evaluate(step, state)
         if preemption.requested or self.ckpt.reached_preemption(step):
@@ -142,6 +138,8 @@ class TrainLoop:
     finally:
       self.ckpt.close()
       self.progress.close()
+      for hook in self.hooks:
+        hook.close()
       if self.writer:
         self.writer.close()
     return self.last_metrics
@@ -153,14 +151,12 @@ class TrainLoop:
       else None
     )
     self.metrics_log = run_metrics.JsonLines(os.path.join(self.model_dir, "metrics.jsonl"))
-    self.keys_log = run_metrics.JsonLines(
-      os.path.join(self.model_dir, "example_keys", f"process_{jax.process_index()}.jsonl")
-    )
     # Steps after the restored one were logged by a run that died before checkpointing them;
     # they are about to be redone, so drop them: the files stay one clean history.
     if self.is_main:
       self.metrics_log.drop_after(start_step)
-    self.keys_log.drop_after(start_step)
+    for hook in self.hooks:
+      hook.start(self.model_dir, start_step)
 
   def _log(self, step: int, state: Any, metrics: Any) -> None:
     """Console, TensorBoard and metrics.jsonl; stops a run stuck on non-finite updates."""
@@ -182,7 +178,7 @@ class TrainLoop:
       self.metrics_log.write(step, scalars)
     self.window_start, self.window_steps = time.time(), 0
     bad = int(jax.device_get(state.consecutive_nonfinite))
-    if bad >= self.max_consecutive_nonfinite:
+    if bad >= self.monitor.max_consecutive_nonfinite:
       raise TrainingError(
         f"{bad} consecutive non-finite losses/gradients up to step {step}; updates were "
         f"skipped. Last good checkpoint: step {self.ckpt.latest_step()} in "
@@ -190,7 +186,7 @@ class TrainLoop:
       )
 
   def _sample_and_evaluate(self, step: int, state: Any) -> None:
-    if self.sample_every and step % self.sample_every == 0:
+    if self.monitor.sample_every and step % self.monitor.sample_every == 0:
       # Every host runs the sampler (the EMA params are sharded across hosts); host 0 writes.
       run_metrics.write_sample_grid(
         self.stage,
@@ -199,8 +195,8 @@ class TrainLoop:
         step,
         self.model_dir,
         self.mesh,
-        self.sample_steps,
-        self.sample_guidance_weight,
+        self.monitor.sample_steps,
+        self.monitor.sample_guidance_weight,
       )
     if self.evaluator is not None and step % self.eval_every == 0:
       evaluation.evaluate(

@@ -122,7 +122,8 @@ def markdown(records: list[dict]) -> str:
     "that is positive and not below the roofline; ICI/DCN collectives are not included, so "
     "it is a lower bound and the MFU figure an upper bound. Rows marked *sub* were compiled on "
     "the preset's data=1 sub-slice at the same per-device batch (same per-chip memory and "
-    "FLOPs; the data-axis all-reduce is not in that program).",
+    "FLOPs; the data-axis all-reduce is not in that program; for the multi-slice preset, one "
+    "such sub-slice per slice, so the all-reduce across slices is).",
     "",
     "| stage | preset | compiled on | fits | GiB/chip | HBM | limit GiB | headroom | "
     "microbatches | TFLOP/step/chip | est. s/step | est. img/s/chip | est. MFU ≤ | compile s "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,73 +38,6 @@ SKIP_LINE = "imagen-pytorch not available (pass --peer_python=...): ours only"
 PEER_VERSION = "2.1.0"
 # The key under which the worker registers the matched network in benchmarks/run.py's table.
 MATCH_KEY = "peer_match"
-
-# ================================================================================================
-# FLOP counting (ours): 2 x MACs of every conv and matmul in a jaxpr, nested jaxprs included
-# ================================================================================================
-
-
-def _eqn_flops(eqn: Any) -> float:
-  """2 x multiply-accumulates of one `dot_general` / `conv_general_dilated` equation (else 0)."""
-  name = eqn.primitive.name
-  if name == "dot_general":
-    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    contract = math.prod(lhs[i] for i in lc)
-    batch = math.prod(lhs[i] for i in lb)
-    lhs_free = math.prod(d for i, d in enumerate(lhs) if i not in lc and i not in lb)
-    rhs_free = math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
-    return 2.0 * batch * lhs_free * rhs_free * contract
-  if name == "conv_general_dilated":
-    rhs = eqn.invars[1].aval.shape
-    out = eqn.outvars[0].aval.shape
-    rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
-    # Each output element sums over (input features per group) x (kernel window).
-    macs_per_out = rhs[rhs_spec[1]] * math.prod(rhs[i] for i in rhs_spec[2:])
-    return 2.0 * math.prod(out) * macs_per_out
-  return 0.0
-
-
-def _sub_jaxprs(value: Any) -> list[Any]:
-  """The (open) jaxprs held by an equation parameter: a Jaxpr, ClosedJaxpr or a tuple of them."""
-  from jax.extend import core as jex_core
-
-  if isinstance(value, jex_core.ClosedJaxpr):
-    return [value.jaxpr]
-  if isinstance(value, jex_core.Jaxpr):
-    return [value]
-  if isinstance(value, tuple | list):
-    return [j for v in value for j in _sub_jaxprs(v)]
-  return []
-
-
-def jaxpr_flops(jaxpr: Any) -> float:
-  """FLOPs (2 x MACs) of the convs and matmuls of a jaxpr, recursing into nested jaxprs.
-
-  A `scan` body counts `length` times; `cond` counts its most expensive branch; a `while`
-  body (trip count unknown) and every other nested jaxpr (pjit, remat, custom_jvp/vjp) once.
-  """
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    total += _eqn_flops(eqn)
-    name = eqn.primitive.name
-    if name == "cond":
-      total += max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0.0)
-      continue
-    times = eqn.params.get("length", 1) if name == "scan" else 1
-    for value in eqn.params.values():
-      for sub in _sub_jaxprs(value):
-        total += times * jaxpr_flops(sub)
-  return total
-
-
-def function_flops(fn: Any, *args: Any) -> float:
-  """FLOPs (2 x MACs of convs and matmuls) of `fn(*args)`, traced with `jax.make_jaxpr`."""
-  import jax
-
-  return jaxpr_flops(jax.make_jaxpr(fn)(*args))
-
 
 # ================================================================================================
 # The matched network
@@ -233,6 +165,8 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
   import jax
   import numpy as np
   from flax import linen as nn
+
+  from imagen_jax.flop_count import function_flops
 
   bench_run, stage = _ours_stage(args)
   net = stage.network

@@ -183,8 +183,18 @@ class CompileReport:
     return self.costs["total_bytes"] <= self.limit_bytes
 
   @property
+  def flops(self) -> float:
+    """Per-chip FLOPs of a call: the model's (counted from the jaxpr) when known, else XLA's.
+
+    XLA's own count is reported beside it but not relied on: for a program with a loop (the
+    gradient-accumulation scan) the TPU compiler's count came out between once and every
+    iteration of the body, depending on the program.
+    """
+    return float(self.costs.get("model_flops") or self.costs["flops"])
+
+  @property
   def compute_s(self) -> float | None:
-    return self.costs["flops"] / self.generation.peak_bf16_flops if self.generation else None
+    return self.flops / self.generation.peak_bf16_flops if self.generation else None
 
   @property
   def memory_s(self) -> float | None:
@@ -237,6 +247,15 @@ class CompileReport:
       f"headroom required; {fit_advice(self.num_microbatches)}"
     )
 
+  def _flops_text(self) -> str:
+    xla = self.costs["flops"] / 1e12
+    if not self.costs.get("model_flops"):
+      return f"{xla:.2f} TFLOP (XLA's count)"
+    return (
+      f"{self.costs['model_flops'] / 1e12:.2f} TFLOP of convs and matmuls (the model's, used "
+      f"below; XLA counts {xla:.2f})"
+    )
+
   def to_text(self) -> str:
     """The human-readable report."""
     c = self.costs
@@ -251,9 +270,8 @@ class CompileReport:
       f"{c['temp_bytes'] / GIB:.2f} GiB, code {c['code_bytes'] / GIB:.3f} GiB, total "
       f"{c['total_bytes'] / GIB:.2f} GiB",
       f"  {self.verdict()}",
-      f"  per chip per {'denoising ' if self.loop_steps > 1 else ''}step: "
-      f"{c['flops'] / 1e12:.2f} TFLOP, {c['bytes_accessed'] / GIB:.1f} GiB "
-      "accessed",
+      f"  per chip per {'denoising ' if self.loop_steps > 1 else ''}step: {self._flops_text()}, "
+      f"{c['bytes_accessed'] / GIB:.1f} GiB accessed",
     ]
     if self.generation:
       gen = self.generation
@@ -280,11 +298,21 @@ class CompileReport:
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
 
+  @classmethod
+  def from_json(cls, record: dict[str, Any]) -> CompileReport:
+    """The report `to_json` wrote (derived figures are recomputed, not read)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in record.items() if k in fields}
+    generation = kwargs.get("generation")
+    kwargs["generation"] = tpu_slices.GENERATIONS[generation] if generation else None
+    return cls(**kwargs)
+
   def to_json(self) -> dict[str, Any]:
     """Everything as plain JSON values (derived figures included)."""
     out = dataclasses.asdict(self)
     out["generation"] = self.generation.name if self.generation else None
     for key in (
+      "flops",
       "hbm_bytes",
       "limit_bytes",
       "fits",

@@ -16,12 +16,12 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from imagen_jax import aot, parallel
+from imagen_jax import aot, flop_count, parallel
 from imagen_jax.diffusion import samplers
 from imagen_jax.training import program as train_program
 
 
-def _lower_sampling(program, mesh, batch: int, config: samplers.SamplerConfig):
+def _trace_sampling(program, mesh, batch: int, config: samplers.SamplerConfig):
   stage = program.stage
   cfg = stage.config
   settings = program.settings
@@ -52,7 +52,7 @@ def _lower_sampling(program, mesh, batch: int, config: samplers.SamplerConfig):
         lowres_sharding,
       ),
       out_shardings=parallel.batch_sharding(mesh, 4),
-    ).lower(params, text_emb, text_mask, key, lowres)
+    ).trace(params, text_emb, text_mask, key, lowres)
 
 
 def compile_sampling(
@@ -68,9 +68,13 @@ def compile_sampling(
     sampler="ddim", num_steps=args.sample_steps, guidance_weight=args.sample_guidance
   )
   t0 = time.perf_counter()
-  lowered = _lower_sampling(program, mesh, batch, config)
-  compiled = aot.compile_or_explain(lowered, 1, train_report.limit_bytes)  # the same headroom
+  traced = _trace_sampling(program, mesh, batch, config)
+  compiled = aot.compile_or_explain(traced.lower(), 1, train_report.limit_bytes)  # same headroom
   compile_s = time.perf_counter() - t0
+  costs = aot.program_costs(compiled)
+  # Per chip and denoising step, like XLA's count (which counts the loop's body once).
+  loop_flops = flop_count.jaxpr_flops(traced.jaxpr)
+  costs["model_flops"] = loop_flops / args.sample_steps / len(mesh.devices.flat)
   cfg = program.stage.config
   return dataclasses.replace(
     train_report,
@@ -78,7 +82,7 @@ def compile_sampling(
     global_batch=batch * train_report.chips // len(mesh.devices.flat),
     per_device_batch=batch // dp,
     num_microbatches=1,
-    costs=aot.program_costs(compiled),
+    costs=costs,
     compile_s=compile_s,
     peak_host_rss_bytes=aot.peak_host_rss_bytes(),
     fingerprint="",

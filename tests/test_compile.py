@@ -173,6 +173,10 @@ def test_tiny_stage_on_v4_8_reports_what_the_cpu_compile_reports(tmp_path, capsy
   assert 1.0 <= padding <= 4.0, padding
   ratio = tpu["costs"]["flops"] / cpu["costs"]["flops"]
   assert 1 / 1.5 < ratio < 1.5, ratio
+  # The model's FLOPs come from the same jaxpr on both, and XLA's count is near them.
+  assert tpu["costs"]["model_flops"] == cpu["costs"]["model_flops"] > 0
+  assert tpu["flops"] == tpu["costs"]["model_flops"] and "TFLOP of convs and matmuls" in text
+  assert 1 / 1.5 < tpu["costs"]["flops"] / tpu["costs"]["model_flops"] < 1.5
 
 
 def test_multi_slice_subslice_keeps_the_cross_slice_all_reduce(tmp_path):
@@ -270,6 +274,8 @@ def test_sample_compiles_the_sampling_loop_at_full_resolution(tmp_path):
   # One guided denoising step runs the network on [cond; uncond] (2 images per device) without
   # a backward pass: far fewer FLOPs than a training step on 8 images per device.
   assert 0 < sample_report["costs"]["flops"] < train_report["costs"]["flops"] / 4
+  # Counted per denoising step from the loop's jaxpr: 1/4 of the 4-step scan's.
+  assert 0 < sample_report["costs"]["model_flops"] < train_report["costs"]["model_flops"] / 4
 
 
 def test_report_roofline_and_compiler_estimate_rules():

@@ -85,14 +85,15 @@ def _quiet_deviceless_env() -> None:
 
 
 # Measured with benchmarks/tpu_aot.py (SR-256 at 16 per device, fsdp=16 in each slice): the
-# 2 x v5p-128 program reports 7.63 GiB and 24.1 TFLOP per chip, the same per-chip work on one
-# v5p-256 29.48 GiB and 6.5 TFLOP; the compiler also holds the multi-slice one to a limit the
-# single-slice one exceeds (tiny stage, 130 MiB). Its figures are its own, not a sizing.
+# 2 x v5p-128 program reports 7.63 GiB and XLA counts 24.1 TFLOP per chip, the same per-chip work
+# on one v5p-256 29.48 GiB and 6.5 TFLOP (the model's FLOPs are the same for both); the compiler
+# also holds the multi-slice one to a limit the single-slice one exceeds (tiny stage, 130 MiB).
+# Its memory figures are its own, not a sizing.
 MULTI_SLICE_NOTE = (
-  "a multi-slice program's memory and FLOPs, as XLA reports them, differ from those of the same "
-  "per-chip work on one slice (SR-256: 7.63 vs 29.48 GiB, 24.1 vs 6.5 TFLOP per chip): check "
-  "the one-slice preset with the same per-device batch and mesh inside a slice too (for "
-  "2 × v5p-128: v5p-256)"
+  "a multi-slice program's memory and XLA FLOP count differ from those of the same per-chip "
+  "work on one slice (SR-256: 7.63 vs 29.48 GiB, 24.1 vs 6.5 XLA TFLOP per chip; the model "
+  "FLOPs are equal): check the one-slice preset with the same per-device batch and mesh inside "
+  "a slice too (for 2 × v5p-128: v5p-256)"
 )
 
 
@@ -227,15 +228,8 @@ def compile_train_step(args: argparse.Namespace) -> tuple[Any, Any]:
   )
   compile_s = time.perf_counter() - t0
   costs = aot.program_costs(compiled)
+  costs["model_flops"] = program.model_flops / len(mesh.devices.flat)
   notes = target.notes + _network_notes(stage.network)
-  if settings.num_microbatches > 1:
-    # XLA's cost analysis counts the accumulation loop's body once; the optimizer update
-    # outside it is a negligible part of a step.
-    for key in ("flops", "bytes_accessed"):
-      costs[key] *= settings.num_microbatches
-    notes.append(
-      f"FLOPs and bytes accessed are the accumulation loop body's x {settings.num_microbatches}"
-    )
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
       f.write(compiled.as_text())

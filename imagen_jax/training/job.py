@@ -217,13 +217,15 @@ def _open_data(
 def _compile_step(
   program: train_program.TrainProgram, stage_name: str, t_start: float, is_main: bool
 ) -> tuple[Any, float | None]:
-  """The compiled train step and its FLOPs per step (logged with the program's fingerprint)."""
+  """The compiled train step and its model FLOPs per step (logged with the fingerprint)."""
   compiled = program.compile()
   interrupts.check()  # a Ctrl-C during the compile may have been swallowed inside JAX
-  flops_per_step = perf.compiled_flops(compiled)
+  # MFU counts the model's FLOPs (from the jaxpr): XLA's count of a microbatch loop is not
+  # reliably every iteration's.
+  flops_per_step = program.model_flops or perf.compiled_flops(compiled)
   if is_main:
     log.info(
-      "stage %s: %s params, %s FLOPs/step, step compiled after %.1fs (program sha256 %s)",
+      "stage %s: %s params, %s model FLOPs/step, step compiled after %.1fs (program sha256 %s)",
       stage_name,
       f"{program.num_params():,}",
       f"{flops_per_step:.3e}" if flops_per_step else "n/a",

@@ -23,7 +23,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
-from imagen_jax import parallel
+from imagen_jax import flop_count, parallel
 from imagen_jax.stage import Stage
 
 # ================================================================================================
@@ -205,6 +205,9 @@ class TrainProgram:
     state_shardings: NamedSharding tree of the state.
     batch_shapes: the global batch as ShapeDtypeStructs carrying their shardings.
     lowered: the lowered step (StableHLO); `.compile()` it for the mesh's devices.
+    model_flops: FLOPs of one step over the whole mesh, counted from its jaxpr (2 x the
+      multiply-accumulates of every conv and matmul; `flop_count`): what MFU is defined by,
+      the same for any microbatch count and device.
   """
 
   stage: Stage
@@ -216,6 +219,7 @@ class TrainProgram:
   state_shardings: Any
   batch_shapes: dict[str, jax.ShapeDtypeStruct]
   lowered: Any
+  model_flops: float
   _init_inputs: dict[str, jax.ShapeDtypeStruct] = dataclasses.field(repr=False, default=None)
 
   @property
@@ -338,13 +342,14 @@ def build_train_program(
   )
   batch_shardings = {k: v.sharding for k, v in batch_shapes.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    lowered = jax.jit(
+    traced = jax.jit(
       step_fn,
       in_shardings=(state_shardings, batch_shardings, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
-    ).lower(abstract_state, batch_shapes, key)
+    ).trace(abstract_state, batch_shapes, key)
+    lowered = traced.lower()
   return TrainProgram(
     stage, tx, lr_fn, mesh, settings, abstract_state, state_shardings, batch_shapes, lowered,
-    init_inputs,
+    flop_count.jaxpr_flops(traced.jaxpr), init_inputs,
   )  # fmt: skip

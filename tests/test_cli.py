@@ -220,6 +220,7 @@ def test_export_skips_a_truncated_newest_checkpoint(stage_dirs, tmp_path, capsys
     ("--guidance=3,1", "give one value or one per stage (3 stages)"),
     ("--train_steps=10,x,10", "--train_steps='10,x,10'"),
     ("--batch_size=16,0,16", "--batch_size='16,0,16'"),
+    ("--sampler=ddim,heun,ddim", "sampler='heun'"),
   ],
 )
 def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path, capsys):
@@ -238,7 +239,8 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
   from imagen_jax import eval_shapes
 
   out = tmp_path / "demo_out"
-  assert cli.main(["demo", f"--out={out}", "--quick", "--batch_size=8,16,8"]) == 0
+  argv = ["demo", f"--out={out}", "--quick", "--batch_size=8,16,8", "--sampler=ddim,dpmpp_2m,ddim"]
+  assert cli.main(argv) == 0
   printed = capsys.readouterr().out
   for attribute in eval_shapes.ATTRIBUTES:
     assert attribute in printed
@@ -252,6 +254,7 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
   index = json.loads((out / "samples" / "index.json").read_text())
   assert len(index["images"]) == 16
   assert [s["num_steps"] for s in index["settings"].values()] == [8, 8, 8]
+  assert [s["sampler"] for s in index["settings"].values()] == ["ddim", "dpmpp_2m", "ddim"]
   with Image.open(out / "samples" / index["images"][3]["file"]) as im:
     assert im.size == (64, 64)
   with Image.open(out / "samples.png") as im:  # rows: 16, 32, 64 px stages; 16 columns

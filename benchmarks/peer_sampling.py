@@ -166,21 +166,17 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
   import numpy as np
   from flax import linen as nn
 
-  from imagen_jax.flop_count import function_flops
+  from imagen_jax.flop_count import forward_flops
+  from imagen_jax.info import count_params
 
   bench_run, stage = _ours_stage(args)
   net = stage.network
   out: dict[str, Any] = {"framework": "ours", "measure": args.measure}
   if args.measure == "info":
     env = bench_run.environment()
-    x, log_snr, emb, mask = net.abstract_inputs(1, args.text_len)
-    params = jax.eval_shape(net.init, jax.random.key(0), x, log_snr, emb, mask)["params"]
-    params = nn.unbox(params)
-    zeros = [np.zeros(a.shape, a.dtype) for a in (x, log_snr, emb)] + [np.ones(mask.shape, bool)]
-    flops = function_flops(lambda p, *a: net.apply({"params": p}, *a), params, *zeros)
     out.update(
-      params=int(sum(p.size for p in jax.tree.leaves(params))),
-      gflop_per_image=flops / 1e9,
+      params=count_params(net, args.text_len),
+      gflop_per_image=forward_flops(net, 1, args.text_len) / 1e9,
       network=type(net).__name__,
       fields={k: list(v) if isinstance(v, tuple) else v for k, v in network_fields(args).items()},
       versions={k: env[k] for k in ("jax", "jaxlib", "flax", "optax", "python")},

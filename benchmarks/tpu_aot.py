@@ -3,7 +3,6 @@
   python benchmarks/tpu_aot.py [--only=base64:v4-256,sr256:v4-128] [--full] [--timeout_s=1800]
       [--out_dir=benchmarks/results] [--name=tpu_aot] [--hlo_dir=DIR] [--gin.KEY=VALUE ...]
   python benchmarks/tpu_aot.py --render     # rewrite the markdown from the JSON only
-  python benchmarks/tpu_aot.py --backfill_model_flops   # records from before model FLOPs
 
 Each (stage, preset) pair runs `imagen-jax compile` in its own process (so one compile's host
 memory cannot inflate the next's figure, and an OOM-killed compile is recorded, not fatal), on
@@ -179,62 +178,6 @@ def markdown(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def stage_model_flops(stage: str, global_batch: int) -> float:
-  """One step's model FLOPs (whole batch, every chip) of a paper stage, from its traced jaxpr.
-
-  The count does not depend on the mesh or the microbatch count, so the step is traced (and
-  lowered, not compiled) on this machine's CPU devices.
-  """
-  import gin
-
-  from imagen_jax import gin_utils, optim, parallel, train
-  from imagen_jax.stage import Stage
-  from imagen_jax.training import program
-
-  gin.clear_config()
-  gin_utils.parse_gin(
-    [os.path.join(REPO, "configs", "stages", f"{stage}.gin")],
-    [f"train.train.batch_size = {global_batch}", "train.train.num_microbatches = 1"],
-  )
-  bindings = gin.get_bindings(train.train)
-  settings = train.step_settings(**bindings)
-  built = program.build_train_program(
-    Stage(bindings["network"], bindings["stage"]),
-    optim.make_optimizer(),
-    parallel.create_mesh(data=-1),
-    settings,
-  )
-  return built.model_flops
-
-
-def backfill_model_flops(records: dict[str, dict]) -> None:
-  """Adds the model's per-chip FLOPs to records made before compile reported them, and undoes
-  the x microbatches those records applied to XLA's counts (XLA already counts some or all of
-  the accumulation loop's iterations), then recomputes the derived figures."""
-  from imagen_jax import aot
-
-  cache: dict[tuple[str, int], float] = {}
-  for r in records.values():
-    rep = r.get("report")
-    if rep is None or rep["costs"].get("model_flops"):
-      continue
-    key = (r["stage"], rep["global_batch"])
-    if key not in cache:
-      print(f"tracing {key[0]} at batch {key[1]} ...", flush=True)
-      cache[key] = stage_model_flops(*key)
-    costs = rep["costs"]
-    scaled = [n for n in rep["notes"] if "accumulation loop body's x" in n]
-    if scaled:
-      for k in ("flops", "bytes_accessed"):
-        costs[k] /= rep["num_microbatches"]
-      rep["notes"] = [n for n in rep["notes"] if n not in scaled]
-    costs["model_flops"] = cache[key] / rep["chips"]
-    updated = aot.CompileReport.from_json(rep).to_json()
-    if rep.get("limit_bytes") is None:  # compiled at the full limit, before there was one
-      updated["limit_bytes"] = None
-    r["report"] = updated
-
-
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = [a for a in argv if a.startswith("--gin.")]
@@ -248,11 +191,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     "--render", action="store_true", help="only rewrite the markdown from the JSON (no compiles)"
   )
-  parser.add_argument(
-    "--backfill_model_flops",
-    action="store_true",
-    help="add model FLOPs to records without them (traces each stage; no compiles), re-render",
-  )
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   pairs = [tuple(p.split(":")) for p in args.only.split(",") if p] or all_pairs()
   path = os.path.join(args.out_dir, f"{args.name}.json")
@@ -260,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
   if os.path.exists(path):
     with open(path) as f:
       records = {_key(r): r for r in json.load(f)}
-  if args.backfill_model_flops:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    backfill_model_flops(records)
-    with open(path, "w") as f:
-      json.dump(list(records.values()), f, indent=1)
-  if args.render or args.backfill_model_flops:
+  if args.render:
     pairs = []
     with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
       f.write(markdown(list(records.values())))

@@ -298,15 +298,6 @@ class CompileReport:
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
 
-  @classmethod
-  def from_json(cls, record: dict[str, Any]) -> CompileReport:
-    """The report `to_json` wrote (derived figures are recomputed, not read)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in record.items() if k in fields}
-    generation = kwargs.get("generation")
-    kwargs["generation"] = tpu_slices.GENERATIONS[generation] if generation else None
-    return cls(**kwargs)
-
   def to_json(self) -> dict[str, Any]:
     """Everything as plain JSON values (derived figures included)."""
     out = dataclasses.asdict(self)

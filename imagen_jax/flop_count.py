@@ -71,3 +71,12 @@ def jaxpr_flops(jaxpr: Any) -> float:
 def function_flops(fn: Any, *args: Any) -> float:
   """FLOPs (2 x MACs of convs and matmuls) of `fn(*args)`, traced with `jax.make_jaxpr`."""
   return jaxpr_flops(jax.make_jaxpr(fn)(*args))
+
+
+def forward_flops(network: Any, batch_size: int, text_length: int) -> float:
+  """FLOPs of one forward pass of a cascade U-Net on abstract inputs (nothing allocated)."""
+  from flax import linen as nn
+
+  inputs = network.abstract_inputs(batch_size, text_length)
+  params = nn.unbox(jax.eval_shape(network.init, jax.random.key(0), *inputs)["params"])
+  return function_flops(lambda p, *a: network.apply({"params": p}, *a), params, *inputs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from imagen_jax import flop_count, optim, parallel
@@ -48,9 +47,5 @@ def test_train_step_flops_do_not_depend_on_microbatches_and_are_about_three_forw
     for mb in (1, 2)
   }
   assert flops[1] == flops[2] > 0
-  net = stage.network
-  x, log_snr, emb, mask = net.abstract_inputs(16, 8)
-  params = nn.unbox(jax.eval_shape(net.init, jax.random.key(0), x, log_snr, emb, mask)["params"])
-  zeros = [np.zeros(a.shape, a.dtype) for a in (x, log_snr, emb)] + [np.ones(mask.shape, bool)]
-  forward = function_flops(lambda p, *a: net.apply({"params": p}, *a), params, *zeros)
+  forward = flop_count.forward_flops(stage.network, 16, 8)
   assert 2.0 * forward < flops[1] <= 3.0 * forward, flops[1] / forward

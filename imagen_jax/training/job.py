@@ -16,7 +16,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from imagen_jax import checkpoints, errors, parallel, perf
+from imagen_jax import checkpoints, errors, parallel
 from imagen_jax.stage import Stage, StageConfig, stage_spec
 from imagen_jax.training import evaluation
 from imagen_jax.training import init_from as init_from_lib
@@ -216,19 +216,19 @@ def _open_data(
 
 def _compile_step(
   program: train_program.TrainProgram, stage_name: str, t_start: float, is_main: bool
-) -> tuple[Any, float | None]:
+) -> tuple[Any, float]:
   """The compiled train step and its model FLOPs per step (logged with the fingerprint)."""
   compiled = program.compile()
   interrupts.check()  # a Ctrl-C during the compile may have been swallowed inside JAX
   # MFU counts the model's FLOPs (from the jaxpr): XLA's count of a microbatch loop is not
   # reliably every iteration's.
-  flops_per_step = program.model_flops or perf.compiled_flops(compiled)
+  flops_per_step = program.model_flops
   if is_main:
     log.info(
       "stage %s: %s params, %s model FLOPs/step, step compiled after %.1fs (program sha256 %s)",
       stage_name,
       f"{program.num_params():,}",
-      f"{flops_per_step:.3e}" if flops_per_step else "n/a",
+      f"{flops_per_step:.3e}",
       time.time() - t_start,
       program.fingerprint(),
     )

@@ -386,18 +386,6 @@ def abstract_and_shardings(
   return nn.unbox(boxed), shardings
 
 
-def sharded_init(init_fn, mesh: Mesh, *args, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
-  """Runs `init_fn(*args)` directly into its shardings, never materialising on one device.
-
-  Returns:
-    (unboxed initialised tree, its NamedSharding tree).
-  """
-  _, shardings = abstract_and_shardings(init_fn, mesh, *args, rules=rules)
-  with nn.logical_axis_rules(rules):
-    tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return tree, shardings
-
-
 def initialize_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,

@@ -16,7 +16,7 @@ into `training.config` parts and runs `training.job.run`, which:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optax
@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from imagen_jax import parallel
 from imagen_jax.stage import StageConfig
-from imagen_jax.training import evaluation, hooks
+from imagen_jax.training import evaluation
 from imagen_jax.training import job as job_lib
 from imagen_jax.training import loop as run_loop
 from imagen_jax.training import program as train_program
@@ -36,6 +36,7 @@ from imagen_jax.training.config import (
   MonitorConfig,
   RunConfig,
 )
+from imagen_jax.training.hooks import StepHook
 
 EVAL_T_GRID = evaluation.EVAL_T_GRID  # the gin default of train.train.eval_t_grid
 EVAL_PLOT = evaluation.EVAL_PLOT
@@ -94,12 +95,11 @@ def train(
   tfds_name: str | None = None,
   expected_encoder: dict | None = None,
   max_steps_this_run: int | None = None,
-  record_example_keys: bool = False,
-  debug_step_delay_s: float = 0.0,
   eval_every: int = 0,
   eval_batches: int = 4,
   eval_t_grid: tuple[float, ...] = EVAL_T_GRID,
   init_from: str | None = None,
+  hooks: Sequence[StepHook] = (),
 ) -> dict[str, float]:
   """Trains one cascade stage; resumes from MODEL_DIR's latest checkpoint automatically.
 
@@ -134,10 +134,9 @@ def train(
     eval_t_grid: the diffusion times evaluated (default: midpoints of 8 equal buckets).
     init_from: a fresh run's weights: 'if:PATH' (a DeepFloyd IF stage dir) or a MODEL_DIR
       (its newest EMA params); ignored once MODEL_DIR holds a checkpoint (the run resumes).
-    record_example_keys: write each step's example keys per process to
-      MODEL_DIR/example_keys/ (`training.hooks.RecordExampleKeys`: audits the data order).
-    debug_step_delay_s: sleep this long after every step (`training.hooks.StepDelay`: lets a
-      fault drill preempt or kill a tiny run mid-way).
+    hooks: `training.hooks.StepHook`s run after every step, e.g.
+      `[@hooks.RecordExampleKeys()]` (configs/hooks/example_keys.gin: audits the data order)
+      or the fault drill's (configs/hooks/fault_drill.gin).
 
   Returns:
     The last logged metrics.
@@ -167,7 +166,7 @@ def train(
         sample_guidance_weight,
       ),
       eval=EvalConfig(eval_every, eval_batches, eval_t_grid),
-      hooks=hooks.from_flags(record_example_keys, debug_step_delay_s),
+      hooks=tuple(hooks),
     )
   )
 

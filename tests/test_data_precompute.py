@@ -23,7 +23,7 @@ from imagen_jax import cli
 from imagen_jax.data import input_pipeline, precompute, records, shapes, shards
 from imagen_jax.inference import cascade
 from imagen_jax.text import vocabulary
-from tests import cli_helpers
+from tests import cli_helpers, shard_hooks
 
 NUM, PER_SHARD, RES, LENGTH = 64, 8, 16, 16
 
@@ -36,7 +36,7 @@ def spm(tmp_path_factory):
   )
 
 
-def _cmd(out, spm, delay, num_validation=8):
+def _cmd(out, spm, num_validation=8):
   return [
     sys.executable,
     "-m",
@@ -54,7 +54,6 @@ def _cmd(out, spm, delay, num_validation=8):
     f"--resolution={RES}",
     "--batch_size=8",
     "--no_progress",
-    f"--debug_shard_delay_s={delay}",
   ]
 
 
@@ -71,11 +70,14 @@ def _complete(out):
   )
 
 
-def test_precompute_survives_sigkill_and_resumes(tmp_path, spm, capsys):
+def test_precompute_survives_sigkill_and_resumes(tmp_path, spm, capsys, monkeypatch):
   out = str(tmp_path / "out")
   k = 2
   proc = subprocess.Popen(
-    _cmd(out, spm, delay=0.5), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    [*_cmd(out, spm), shard_hooks.FLAG],
+    env=shard_hooks.env(0.5, _env()),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
   )
   deadline = time.time() + 120
   while time.time() < deadline and (not os.path.isdir(out) or len(_complete(out)) < k):
@@ -90,11 +92,24 @@ def test_precompute_survives_sigkill_and_resumes(tmp_path, spm, capsys):
   mtimes = {n: os.stat(f"{out}/{n}").st_mtime_ns for n in done}
   print(f"\nkilled after {len(done)} of {NUM // PER_SHARD} shards: {done}")
 
-  # The rerun goes through the same CLI entry point, in this process (saves a JAX start-up).
-  assert cli.main(_cmd(out, spm, delay=0)[3:]) == 0
+  # The rerun goes through the same CLI entry point, in this process (saves a JAX start-up),
+  # with an --after_shard hook that records each shard it is called with.
+  (tmp_path / "shard_recorder.py").write_text(
+    "from imagen_jax.data import shards\n"
+    "seen = []\n"
+    "def record(path):\n"
+    "  seen.append((path, shards.shard_is_complete(path)))\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert cli.main([*_cmd(out, spm)[3:], "--after_shard=shard_recorder:record"]) == 0
   summary = [line for line in capsys.readouterr().out.splitlines() if "precompute:" in line]
   print("rerun:", summary[-1])
   assert f"{len(done)} already complete" in summary[-1]
+  import shard_recorder
+
+  recorded = [os.path.basename(p) for p, _ in shard_recorder.seen]
+  assert all(complete for _, complete in shard_recorder.seen)  # called once the shard is whole
+  assert recorded and recorded == sorted(set(_complete(out)) - set(done))  # each new one, once
 
   # Finished shards untouched; all shards now complete; no temporary files left.
   for n, t in mtimes.items():
@@ -166,7 +181,7 @@ def _rewrites(caplog):
 def test_first_run_without_validation_is_quiet_and_keeps_its_vocabulary(tmp_path, spm, capfd):
   out = str(tmp_path / "out")
   capfd.readouterr()
-  assert cli.main(_cmd(out, spm, delay=0, num_validation=0)[3:]) == 0
+  assert cli.main(_cmd(out, spm, num_validation=0)[3:]) == 0
   captured = capfd.readouterr()
   # --no_progress: neither our bar nor TFDS's ("Generating splits...: 100%|███| ...").
   for bar in ("%|", "it/s]", "ex/s]", "Generating splits", "Shuffling"):
@@ -198,7 +213,7 @@ def test_old_none_spelling_of_random_weights_still_works_and_resumes(tmp_path, s
   """'random' is the one spelling (as in encode and sample); 'none' warns and means the same,
   and a manifest an older version wrote with 'none' resumes under the new spelling."""
   out = tmp_path / "out"
-  argv = _cmd(out, spm, delay=0, num_validation=0)[3:]
+  argv = _cmd(out, spm, num_validation=0)[3:]
   old = [a if a != "--t5_checkpoint=random" else "--t5_checkpoint=none" for a in argv]
   with caplog.at_level(logging.WARNING):
     assert cli.main(old) == 0
@@ -217,7 +232,7 @@ def test_old_none_spelling_of_random_weights_still_works_and_resumes(tmp_path, s
 def test_rerun_rewrites_exactly_the_bad_shards(tmp_path, spm, caplog, capsys):
   caplog.set_level(logging.WARNING, logger="imagen_jax.data.precompute")
   out = str(tmp_path / "out")
-  argv = _cmd(out, spm, delay=0)[3:]
+  argv = _cmd(out, spm)[3:]
   assert cli.main(argv) == 0
   capsys.readouterr()
   good = _snapshot(out)
@@ -300,7 +315,7 @@ def test_rerun_rewrites_exactly_the_bad_shards(tmp_path, spm, caplog, capsys):
 
 def test_sigkill_during_a_repair_leaves_what_a_rerun_repairs(tmp_path, spm, capsys):
   out = str(tmp_path / "out")
-  assert cli.main(_cmd(out, spm, delay=0)[3:]) == 0
+  assert cli.main(_cmd(out, spm)[3:]) == 0
   good = _snapshot(out)
   bad = [f"{out}/{shards.shard_name('train', s, NUM // PER_SHARD)}" for s in (2, 5)]
   for p in bad:
@@ -309,8 +324,8 @@ def test_sigkill_during_a_repair_leaves_what_a_rerun_repairs(tmp_path, spm, caps
   # The repair writes shard 2, then sleeps: killed there, shard 5 is still to be rewritten.
   # The test's own XLA settings: the subprocess then encodes bit for bit as this process does.
   proc = subprocess.Popen(
-    [*_cmd(out, spm, delay=3), "--verify"],
-    env=dict(os.environ),
+    [*_cmd(out, spm), shard_hooks.FLAG, "--verify"],
+    env=shard_hooks.env(3),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
   )
@@ -334,7 +349,7 @@ def test_sigkill_during_a_repair_leaves_what_a_rerun_repairs(tmp_path, spm, caps
   print(f"\nkilled mid-repair: {name2} rewritten, {os.path.basename(bad[1])} not yet")
 
   # A plain rerun (no --verify) finishes the repair: the killed shard reads as unfinished.
-  assert cli.main(_cmd(out, spm, delay=0)[3:]) == 0
+  assert cli.main(_cmd(out, spm)[3:]) == 0
   summary = capsys.readouterr().out
   assert "1 shards written (0 rewritten as bad), 7 already complete" in summary, summary
   assert not [n for n in os.listdir(out) if ".tmp-" in n]

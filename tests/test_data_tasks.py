@@ -21,7 +21,7 @@ from PIL import Image
 from imagen_jax import cli
 from imagen_jax.data import precompute, shapes, shards, tasks, webdataset
 from imagen_jax.text import vocabulary
-from tests import cli_helpers
+from tests import cli_helpers, shard_hooks
 
 LENGTH, WIDTH = 16, 64
 
@@ -283,7 +283,7 @@ def _write_webdataset(root):
   return good
 
 
-def _wds_cmd(out, src, spm, delay):
+def _wds_cmd(out, src, spm):
   return [
     sys.executable,
     "-m",
@@ -299,7 +299,6 @@ def _wds_cmd(out, src, spm, delay):
     "--examples_per_shard=4",
     "--batch_size=8",
     "--no_progress",
-    f"--debug_shard_delay_s={delay}",
   ]
 
 
@@ -313,10 +312,13 @@ def test_webdataset_skips_and_counts_and_survives_sigkill(tmp_path, spm, capsys)
   src, out = str(tmp_path / "wds"), str(tmp_path / "out")
   good = _write_webdataset(src)
   assert len(good) == 22
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = shard_hooks.env(1.0, dict(os.environ, JAX_PLATFORMS="cpu"))
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   proc = subprocess.Popen(
-    _wds_cmd(out, src, spm, delay=1.0), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    [*_wds_cmd(out, src, spm), shard_hooks.FLAG],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
   )
   deadline = time.time() + 150
   k = 2
@@ -332,7 +334,7 @@ def test_webdataset_skips_and_counts_and_survives_sigkill(tmp_path, spm, capsys)
   mtimes = {n: os.stat(f"{out}/{n}").st_mtime_ns for n in done}
   print(f"\nkilled after {len(done)} of 6 shards")
 
-  assert cli.main(_wds_cmd(out, src, spm, delay=0)[3:]) == 0
+  assert cli.main(_wds_cmd(out, src, spm)[3:]) == 0
   printed = [line for line in capsys.readouterr().out.splitlines() if "precompute:" in line]
   print("\n".join(printed))
   assert f"{len(done)} already complete" in printed[0]
@@ -399,6 +401,15 @@ def test_bad_task_input_is_one_line(tmp_path, spm, capsys, monkeypatch):
     (
       ["--task=imagen_shapes", "--module=no_such_module_here"],
       r"--module=no_such_module_here failed to import \(ModuleNotFoundError: ",
+    ),
+    (
+      ["--task=imagen_shapes", "--after_shard=broken_tasks_mod:f"],
+      r"--after_shard=broken_tasks_mod failed to import \(RuntimeError: boom\); fix: make",
+    ),
+    (["--task=imagen_shapes", "--after_shard=json"], r"--after_shard='json' is not MODULE:FUN"),
+    (
+      ["--task=imagen_shapes", "--after_shard=json:no_such_fn"],
+      r"--after_shard: module 'json' has no function 'no_such_fn'; fix: name one it defines",
     ),
     (wds, r"imagen_webdataset: no \.tar shards in .*empty' \(--source_dir\); fix: pass a dir"),
     (["--source=webdataset"], r"no --source_dir given; fix: pass --source_dir"),

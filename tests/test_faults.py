@@ -26,7 +26,7 @@ import pytest
 
 from imagen_jax import checkpoints
 from imagen_jax.data import shards
-from tests import train_helpers
+from tests import shard_hooks, train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("IMAGEN_JAX_SOAK_SEED", "0"))
@@ -63,8 +63,8 @@ def _train_cmd(model_dir: str, data_dir: str, step_delay_s: float = 0.0) -> list
     "--gin.train.train.checkpoint_every=2",
     "--gin.train.train.keep_checkpoints=2",
     "--gin.train.train.log_every=1",
-    "--gin.train.train.record_example_keys=True",
-    f"--gin.train.train.debug_step_delay_s={step_delay_s}",
+    "--gin_file=configs/hooks/fault_drill.gin",
+    f"--gin.STEP_DELAY_S={step_delay_s}",
     *MICRO_NET,
   ]
 
@@ -213,7 +213,7 @@ def test_ctrl_c_during_a_real_job_is_one_line(data_dir, tmp_path):
 PRECOMPUTE_EXAMPLES, PER_SHARD = 48, 4
 
 
-def _precompute_cmd(out: str, vocab: str, shard_delay_s: float = 0.0) -> list[str]:
+def _precompute_cmd(out: str, vocab: str) -> list[str]:
   return [
     sys.executable,
     "-m",
@@ -231,7 +231,6 @@ def _precompute_cmd(out: str, vocab: str, shard_delay_s: float = 0.0) -> list[st
     "--resolution=16",
     "--batch_size=4",
     "--no_progress",
-    f"--debug_shard_delay_s={shard_delay_s}",
   ]
 
 
@@ -241,8 +240,8 @@ def _shard_write_in_flight(out: str) -> bool:
 
 def _kill_precompute_once(out: str, vocab: str, mode: str, rng: random.Random) -> str:
   proc = subprocess.Popen(
-    _precompute_cmd(out, vocab, shard_delay_s=0.2),
-    env=_env(),
+    [*_precompute_cmd(out, vocab), shard_hooks.FLAG],
+    env=shard_hooks.env(0.2, _env()),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )

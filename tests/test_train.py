@@ -39,9 +39,10 @@ def _bindings(model_dir, data_dir, **extra):
   return b
 
 
-def _run_in_process(stage_gin, mesh_gin, model_dir, data_dir, **extra):
+def _run_in_process(stage_gin, mesh_gin, model_dir, data_dir, extra_gin=(), **extra):
   gin_utils.parse_gin(
-    [stage_gin, mesh_gin, "configs/runs/tiny.gin"], _bindings(model_dir, data_dir, **extra)
+    [stage_gin, mesh_gin, "configs/runs/tiny.gin", *extra_gin],
+    _bindings(model_dir, data_dir, **extra),
   )
   return train.configurable_train()()
 
@@ -121,9 +122,11 @@ def test_init_from_a_model_dir_starts_from_its_ema_params_once(data_dir, tmp_pat
     "configs/mesh/cpu1.gin",
     first,
     data_dir,
+    extra_gin=["configs/hooks/example_keys.gin"],  # the shipped hook config: one line per step
     num_train_steps=3,
     **common,
   )
+  assert sorted(_keys_by_step(first)) == [1, 2, 3]
   start = cascade.load_stage_dir(first).params
   # lr 0 for the tuned run: its weights stay exactly the ones it started from.
   extra = dict(num_train_steps=1, init_from=first, **common)
@@ -227,8 +230,8 @@ def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
   extra = [
     "--gin.train.train.num_train_steps=40",
     "--gin.train.train.checkpoint_every=1000",
-    "--gin.train.train.record_example_keys=True",
-    "--gin.train.train.debug_step_delay_s=0.3",
+    "--gin_file=configs/hooks/fault_drill.gin",
+    "--gin.STEP_DELAY_S=0.3",
   ]
   cmd, env = _cli(model_dir, data_dir, extra=extra)
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -248,7 +251,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(data_dir, tmp_path):
   assert ckpt.latest_step() == last_step
   ckpt.close()
   extra[0] = f"--gin.train.train.num_train_steps={last_step + 2}"
-  extra[-1] = "--gin.train.train.debug_step_delay_s=0.0"
+  extra[-1] = "--gin.STEP_DELAY_S=0.0"
   cmd, env = _cli(model_dir, data_dir, extra=extra)
   subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
   assert sorted(_keys_by_step(model_dir)) == list(range(1, last_step + 3))

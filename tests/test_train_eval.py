@@ -88,7 +88,7 @@ def _validation(data_dir, batch_size, resolution=16, lowres_resolution=None):
 def _init_params(stage_obj, mesh):
   batch = stage_obj.dummy_batch(1, train_helpers.MAX_LENGTH, train_helpers.TEXT_DIM)
   inputs = {k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}
-  return parallel.sharded_init(stage_obj.init_params, mesh, jax.random.PRNGKey(0), inputs)
+  return train_helpers.sharded_init(stage_obj.init_params, mesh, jax.random.PRNGKey(0), inputs)
 
 
 def _perturbed(params, scale=0.05):

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax import gin_utils, info, parallel
 from imagen_jax.nn import efficient_unet, factory, unet
+from tests import train_helpers
 
 TEXT_DIM = 16
 TEXT_LEN = 6
@@ -217,7 +218,7 @@ def test_sharded_init_specs_and_forward_match_single_device():
   args = make_inputs(net, batch=8)
   # unsafe_rbg: threefry init compiles ~4x slower on CPU and the sharding logic is the same.
   key = jax.random.key(0, impl="unsafe_rbg")
-  variables, shardings = parallel.sharded_init(lambda k: net.init(k, *args), mesh, key)
+  variables, shardings = train_helpers.sharded_init(lambda k: net.init(k, *args), mesh, key)
   ps = shardings["params"]
   assert _spec(ps, "down_0_res_0", "conv_0", "kernel") == P(None, None, "fsdp", "model")
   assert _spec(ps, "conv_in", "kernel") == P(None, None, None, "model")

@@ -33,3 +33,17 @@ def build_precomputed_shapes(
     batch_size=32,
   )
   return data
+
+
+def sharded_init(init_fn, mesh, *args):
+  """Runs `init_fn(*args)` straight into the shardings training's logical rules give its
+  boxes (never materialised on one device). Returns (unboxed tree, NamedSharding tree)."""
+  import jax
+  from flax import linen as nn
+
+  from imagen_jax import parallel
+
+  _, shardings = parallel.abstract_and_shardings(init_fn, mesh, *args)
+  with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return tree, shardings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -120,7 +119,13 @@ def add_arguments(parser) -> None:
     action="store_true",
     help="also read every finished shard and check each record's CRCs; rewrites the bad ones",
   )
-  a("--debug_shard_delay_s", type=float, default=0.0, help=argparse.SUPPRESS)
+  a(
+    "--after_shard",
+    default=None,
+    metavar="MODULE:FUNCTION",
+    help="call FUNCTION(path) after each shard is complete, e.g. to copy it to a bucket "
+    "(MODULE is imported like --module's)",
+  )
 
 
 def _t5_checkpoint_flag(value: str) -> str:
@@ -168,7 +173,7 @@ def run(args) -> int:
     process_count=args.process_count,
     progress=not args.no_progress,
     verify=args.verify,
-    debug_shard_delay_s=args.debug_shard_delay_s,
+    after_shard=args.after_shard,
   )
   manifest = run_precompute(cfg)
   st = manifest["stats"]

@@ -28,8 +28,9 @@ import io
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -85,8 +86,8 @@ class PrecomputeConfig:
   progress: bool = True
   # Also check every record's CRCs of the shards already complete (reads them all).
   verify: bool = False
-  # Test hook: sleep this long after each shard, so a test can kill the job between shards.
-  debug_shard_delay_s: float = 0.0
+  # 'MODULE:FUNCTION', called with each finished shard's path (e.g. to copy it elsewhere).
+  after_shard: str | None = None
 
   @property
   def uses_tasks(self) -> bool:
@@ -110,9 +111,28 @@ class PrecomputeConfig:
       return f"--source={self.source}"
     return f"--mixture={self.mixture!r}" if self.mixture else f"--task={self.task!r}"
 
+  def shard_hook(self) -> Callable[[str], Any]:
+    """The `after_shard` function (a no-op when unset).
+
+    Raises:
+      errors.UserError: its module does not import or lacks the function.
+    """
+    if not self.after_shard:
+      return lambda path: None
+    module, sep, name = self.after_shard.partition(":")
+    if not sep or not module or not name:
+      _fail(f"--after_shard={self.after_shard!r} is not MODULE:FUNCTION", "e.g. my_hooks:upload")
+    _import_modules([module], flag="--after_shard")
+    fn = getattr(sys.modules[module], name, None)
+    if not callable(fn):
+      _fail(f"--after_shard: module {module!r} has no function {name!r}", "name one it defines")
+    return fn
+
   def validate(self) -> None:
     """Raises errors.UserError on bad arguments, before anything is loaded or written."""
     from imagen_jax.nn import t5
+
+    self.shard_hook()  # imports the hook now: a bad one fails before any work
 
     named = (("--source", self.source), ("--task", self.task), ("--mixture", self.mixture))
     given = [flag for flag, value in named if value]
@@ -356,6 +376,7 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
   sizes = {split: len(src) for split, src in sources.items()}
   plans, todo, skipped, rewritten, encoder, progress = _plan(cfg, sizes, previous, encoder)
   written_bytes, written = 0, 0
+  after_shard = cfg.shard_hook()
   t0 = time.time()
   for split, s, path in todo:
     payloads, image_sizes = _encode_range(
@@ -364,8 +385,7 @@ def run_precompute(cfg: PrecomputeConfig, encoder: Any = None) -> dict[str, Any]
     meta = shards.write_shard(path, payloads, image_sizes, source=plans[split][s])
     written_bytes += meta["size_bytes"]
     written += 1
-    if cfg.debug_shard_delay_s:
-      time.sleep(cfg.debug_shard_delay_s)
+    after_shard(path)
   seconds = time.time() - t0
   splits = _split_entries(cfg, plans, sizes)
   available = next(iter(sources.values())).available_splits
@@ -580,6 +600,8 @@ def command(cfg: PrecomputeConfig) -> str:
   parts += [f"--{k}={shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
   parts += [f"--module={shlex.quote(m)}" for m in cfg.modules]
   parts += [f"--split={shlex.quote(s)}" for s in cfg.splits]
+  if cfg.after_shard:
+    parts.append(f"--after_shard={shlex.quote(cfg.after_shard)}")
   return " ".join(parts)
 
 
@@ -877,9 +899,8 @@ def resolve_provider(cfg: PrecomputeConfig) -> tuple[Any, list[str]]:
   return provider, names
 
 
-def _import_modules(modules: Sequence[str]) -> None:
+def _import_modules(modules: Sequence[str], flag: str = "--module") -> None:
   import importlib
-  import sys
 
   # t5x style: modules next to where the job runs import without a PYTHONPATH entry.
   if os.getcwd() not in sys.path:
@@ -890,7 +911,7 @@ def _import_modules(modules: Sequence[str]) -> None:
     except Exception as e:  # the user's code: any failure is theirs to fix
       first = (str(e).strip().splitlines() or [""])[0]
       _fail(
-        f"--module={module} failed to import ({type(e).__name__}: {first})",
+        f"{flag}={module} failed to import ({type(e).__name__}: {first})",
         f"make `python -c 'import {module}'` work (PYTHONPATH, or run from its directory)",
       )
 
@@ -1019,6 +1040,7 @@ def _write_stream(cfg, provider, split, plan, mine, exhausted, encoder, progress
   starts = [r.start for r in plan]
   last = max(mine)
   written_bytes, written = 0, 0
+  after_shard = cfg.shard_hook()
   prev = [-1] * len(leaf)  # each task's last source index before the current shard
   cur = list(prev)
   per_task = [0] * len(leaf)
@@ -1035,8 +1057,7 @@ def _write_stream(cfg, provider, split, plan, mine, exhausted, encoder, progress
     meta = shards.write_shard(mine[s], payloads, sizes, source=plan[s], extra=extra)
     written_bytes += meta["size_bytes"]
     written += 1
-    if cfg.debug_shard_delay_s:
-      time.sleep(cfg.debug_shard_delay_s)
+    after_shard(mine[s])
 
   for i, ex in enumerate(ds.as_numpy_iterator()):
     s = bisect.bisect_right(starts, i) - 1

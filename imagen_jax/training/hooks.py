@@ -2,7 +2,9 @@
 
 A hook sees the step number and the host batch it trained on. The loop calls `start` once
 (with the step the run resumes from), `after_step` after every step and `close` at the end.
-`train.train.record_example_keys` and `train.train.debug_step_delay_s` install the two here.
+`train.train.hooks` lists them: configs/hooks/example_keys.gin installs `RecordExampleKeys`,
+configs/hooks/fault_drill.gin adds `StepDelay`. A new hook is a `StepHook` subclass named in
+that list (gin imports its module).
 """
 
 from __future__ import annotations
@@ -57,13 +59,3 @@ class StepDelay(StepHook):
   def after_step(self, step: int, host_batch: dict[str, Any]) -> None:
     del step, host_batch
     time.sleep(self.seconds)
-
-
-def from_flags(record_example_keys: bool, debug_step_delay_s: float) -> tuple[StepHook, ...]:
-  """The hooks `train.train`'s two flags ask for."""
-  hooks: list[StepHook] = []
-  if record_example_keys:
-    hooks.append(RecordExampleKeys())
-  if debug_step_delay_s:
-    hooks.append(StepDelay(debug_step_delay_s))
-  return tuple(hooks)

@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imagen_jax import cli
+from imagen_jax import cli, errors
 from imagen_jax.data import precompute, shapes, shards, tasks, webdataset
 from imagen_jax.text import vocabulary
 from tests import cli_helpers, shard_hooks
@@ -186,7 +186,7 @@ def test_precompute_from_a_task_and_from_a_two_task_mixture(tmp_path, spm, encod
   # A rerun with the same flags is a no-op check; another seed is refused.
   again = precompute.run_precompute(_cfg(out, spm, mixture="test_mix", num_examples=n, seed=3))
   assert again["stats"]["shards_skipped"] == 5 and again["stats"]["shards_written"] == 0
-  with pytest.raises(precompute.errors.UserError, match=r"--seed=3 then, 4 now"):
+  with pytest.raises(errors.UserError, match=r"--seed=3 then, 4 now"):
     precompute.run_precompute(_cfg(out, spm, mixture="test_mix", num_examples=n, seed=4))
 
 

@@ -25,7 +25,13 @@ def add_arguments(parser) -> None:
     "Rerunning with the same flags skips finished shards that pass cheap checks and rewrites "
     "the others; add --verify to also check every record's CRCs."
   )
-  a = parser.add_argument
+  _add_data_flags(parser.add_argument_group("data").add_argument)
+  _add_encoder_flags(parser.add_argument_group("text encoder and output").add_argument)
+  _add_job_flags(parser.add_argument_group("the job").add_argument)
+
+
+def _add_data_flags(a) -> None:
+  """What to read: the source, task or mixture, and its filters."""
   a(
     "--source",
     default=None,
@@ -75,6 +81,10 @@ def add_arguments(parser) -> None:
     default=None,
     help="TFDS data dir (default OUT/tfds for shapes / image_text_folder, else $TFDS_DATA_DIR or ~/tensorflow_datasets)",
   )
+
+
+def _add_encoder_flags(a) -> None:
+  """The frozen encoder and where its shards go."""
   a("--out", required=True, help="output directory for shards and manifest.json")
   a("--vocab", required=True, help="SentencePiece .model of the T5 vocabulary")
   a(
@@ -90,6 +100,10 @@ def add_arguments(parser) -> None:
     choices=("zero", "keep"),
     help="embeddings at padding positions: zero (Imagen) | keep (DeepFloyd IF fine-tuning)",
   )
+
+
+def _add_job_flags(a) -> None:
+  """How the job is cut into shards and hosts, and what it does besides encoding."""
   a("--examples_per_shard", type=int, default=1024, help="source examples per shard")
   a(
     "--split", action="append", default=None, help="split(s) to process (repeatable; default train)"

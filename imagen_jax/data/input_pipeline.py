@@ -485,46 +485,13 @@ def make_train_iterator(
   _check_stage_args(batch_size, resolution, lowres_resolution, crop_size)
   if max_length < 1:
     raise ValueError(f"max_length={max_length}; must be >= 1")
-  if max_corrupt_fraction is None:
-    max_corrupt_fraction = configured_max_corrupt_fraction()
-  if not 0 <= max_corrupt_fraction <= 1:
-    raise errors.UserError(
-      f"max_corrupt_fraction={max_corrupt_fraction} is not in [0, 1]; fix: pass e.g. "
-      f"--gin.{TOLERANCE_MACRO}=0.01"
-    )
-  if process_index is None or process_count is None:
-    import jax
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  max_corrupt_fraction = _checked_tolerance(max_corrupt_fraction)
+  process_index, process_count = _checked_process(process_index, process_count)
   if not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
-
-  precomputed = tf.io.gfile.exists(os.path.join(data_dir, shards.MANIFEST))
-  if precomputed:
-    examples = PrecomputedExamples(
-      data_dir,
-      split,
-      max_length,
-      expected_encoder,
-      resolution,
-      text_encoder,
-    )
-    width = examples.width
-    encoder_for_batches = None
-  else:
-    if text_encoder is None:
-      shards.read_manifest(data_dir)  # raises the "no manifest" error naming the path
-    if text_encoder.max_length != max_length:
-      raise ValueError(
-        f"text encoder max_length {text_encoder.max_length} != config max_length {max_length}"
-      )
-    examples = TfdsExamples(data_dir, tfds_name, split)
-    _check_tfds_image_size(examples.source.dataset_dir, resolution)
-    width = int(text_encoder.width)
-    encoder_for_batches = text_encoder
+  examples, width, encoder_for_batches = _open_examples(
+    data_dir, split, max_length, resolution, text_encoder, tfds_name, expected_encoder
+  )
   return TrainIterator(
     examples,
     batch_size=batch_size,
@@ -541,6 +508,63 @@ def make_train_iterator(
     num_threads=num_threads,
     emb_dtype=emb_dtype,
   )
+
+
+def _checked_tolerance(max_corrupt_fraction: float | None) -> float:
+  """The corrupt-record tolerance: the argument, else the gin macro, else 1%; in [0, 1]."""
+  if max_corrupt_fraction is None:
+    max_corrupt_fraction = configured_max_corrupt_fraction()
+  if not 0 <= max_corrupt_fraction <= 1:
+    raise errors.UserError(
+      f"max_corrupt_fraction={max_corrupt_fraction} is not in [0, 1]; fix: pass e.g. "
+      f"--gin.{TOLERANCE_MACRO}=0.01"
+    )
+  return max_corrupt_fraction
+
+
+def _checked_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(this host, number of hosts), jax's where not given."""
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def _open_examples(
+  data_dir: str,
+  split: str,
+  max_length: int,
+  resolution: int,
+  text_encoder: Any,
+  tfds_name: str | None,
+  expected_encoder: dict[str, Any] | None,
+) -> tuple[Any, int, Any]:
+  """The examples of `split`: precomputed shards (a manifest in data_dir) or a TFDS build whose
+  captions `text_encoder` encodes per batch.
+
+  Returns:
+    (examples, text embedding width, the encoder batches need or None).
+  """
+  import tensorflow as tf
+
+  if tf.io.gfile.exists(os.path.join(data_dir, shards.MANIFEST)):
+    examples = PrecomputedExamples(
+      data_dir, split, max_length, expected_encoder, resolution, text_encoder
+    )
+    return examples, examples.width, None
+  if text_encoder is None:
+    shards.read_manifest(data_dir)  # raises the "no manifest" error naming the path
+  if text_encoder.max_length != max_length:
+    raise ValueError(
+      f"text encoder max_length {text_encoder.max_length} != config max_length {max_length}"
+    )
+  examples = TfdsExamples(data_dir, tfds_name, split)
+  _check_tfds_image_size(examples.source.dataset_dir, resolution)
+  return examples, int(text_encoder.width), text_encoder
 
 
 def configured_max_corrupt_fraction() -> float:

@@ -189,11 +189,6 @@ def export_bundle(
   Returns:
     The manifest.
   """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import serialization
-
   from imagen_jax.inference import cascade
 
   if param_dtype not in PARAM_DTYPES:
@@ -210,65 +205,86 @@ def export_bundle(
   remove_stale_temp_dirs(out_dir)
   tmp = make_temp_dir(out_dir)
   try:
-    enc_dir = os.path.join(tmp, "text_encoder")
-    os.makedirs(enc_dir)
-    vocab_name = os.path.basename(vocab_path)
-    shutil.copyfile(vocab_path, os.path.join(enc_dir, vocab_name))
-    encoder_json = {**encoder_reference, "vocab_file": vocab_name}
-    encoder_json.pop("data_dir", None)
-    _write_json(os.path.join(enc_dir, "encoder.json"), encoder_json)
-
-    stage_entries = []
-    for k, st in enumerate(stages):
-      name = stage_dir_name(k, st)
-      sdir = os.path.join(tmp, "stages", name)
-      os.makedirs(sdir)
-      params = jax.tree.map(
-        lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(param_dtype)), st.params
-      )
-      with open(os.path.join(sdir, "ema_params.msgpack"), "wb") as f:
-        f.write(serialization.msgpack_serialize(params))
-      spec = {**st.spec, "param_dtype": param_dtype}
-      _write_json(os.path.join(sdir, "stage.json"), spec)
-      entry = {"dir": f"stages/{name}", "name": st.config.name}
-      if portable_step:
-        with open(os.path.join(sdir, "denoise_step.jaxexport"), "wb") as f:
-          f.write(export_denoise_step(st, params))
-        _write_json(
-          os.path.join(sdir, "denoise_step.json"),
-          {
-            "call": "jax.export.deserialize(bytes).call(*inputs) -> network output "
-            f"({st.config.objective}-prediction) [b, R, R, 3]",
-            "inputs": [
-              {"name": n, "shape": ["b", *s[1:]], "dtype": d}
-              for n, s, d in denoise_step_inputs(st, "b")
-            ],
-            "params": "embedded (EMA, " + param_dtype + ")",
-          },
-        )
-      stage_entries.append(entry)
-
-    files = {}
-    for root, _, names in os.walk(tmp):
-      for n in sorted(names):
-        path = os.path.join(root, n)
-        files[os.path.relpath(path, tmp)] = file_utils.sha256(path)
-    manifest = {
-      "format_version": FORMAT_VERSION,
-      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "package_versions": _versions(),
-      "stages": stage_entries,
-      "text_encoder": "text_encoder/encoder.json",
-      "param_dtype": param_dtype,
-      "files": dict(sorted(files.items())),
-    }
-    _write_json(os.path.join(tmp, "manifest.json"), manifest)
+    _write_encoder(tmp, encoder_reference, vocab_path)
+    entries = [_write_stage(tmp, k, st, param_dtype, portable_step) for k, st in enumerate(stages)]
+    manifest = _write_manifest(tmp, entries, param_dtype)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  return manifest
+
+
+def _write_encoder(tmp: str, encoder_reference: dict[str, Any], vocab_path: str) -> None:
+  """text_encoder/: the vocabulary file and encoder.json (the reference, minus its data dir)."""
+  enc_dir = os.path.join(tmp, "text_encoder")
+  os.makedirs(enc_dir)
+  vocab_name = os.path.basename(vocab_path)
+  shutil.copyfile(vocab_path, os.path.join(enc_dir, vocab_name))
+  encoder_json = {**encoder_reference, "vocab_file": vocab_name}
+  encoder_json.pop("data_dir", None)
+  _write_json(os.path.join(enc_dir, "encoder.json"), encoder_json)
+
+
+def _write_stage(
+  tmp: str, k: int, st: Any, param_dtype: str, portable_step: bool
+) -> dict[str, str]:
+  """stages/<name>/: EMA params, stage.json and (portable_step) the exported denoising step.
+
+  Returns:
+    The stage's manifest entry.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import serialization
+
+  name = stage_dir_name(k, st)
+  sdir = os.path.join(tmp, "stages", name)
+  os.makedirs(sdir)
+  params = jax.tree.map(
+    lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(param_dtype)), st.params
+  )
+  with open(os.path.join(sdir, "ema_params.msgpack"), "wb") as f:
+    f.write(serialization.msgpack_serialize(params))
+  _write_json(os.path.join(sdir, "stage.json"), {**st.spec, "param_dtype": param_dtype})
+  if portable_step:
+    with open(os.path.join(sdir, "denoise_step.jaxexport"), "wb") as f:
+      f.write(export_denoise_step(st, params))
+    _write_json(
+      os.path.join(sdir, "denoise_step.json"),
+      {
+        "call": "jax.export.deserialize(bytes).call(*inputs) -> network output "
+        f"({st.config.objective}-prediction) [b, R, R, 3]",
+        "inputs": [
+          {"name": n, "shape": ["b", *s[1:]], "dtype": d}
+          for n, s, d in denoise_step_inputs(st, "b")
+        ],
+        "params": "embedded (EMA, " + param_dtype + ")",
+      },
+    )
+  return {"dir": f"stages/{name}", "name": st.config.name}
+
+
+def _write_manifest(tmp: str, entries: list[dict[str, str]], param_dtype: str) -> dict[str, Any]:
+  """manifest.json: versions, stages, and the sha256 of every file written so far."""
+  files = {}
+  for root, _, names in os.walk(tmp):
+    for n in sorted(names):
+      path = os.path.join(root, n)
+      files[os.path.relpath(path, tmp)] = file_utils.sha256(path)
+  manifest = {
+    "format_version": FORMAT_VERSION,
+    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "package_versions": _versions(),
+    "stages": entries,
+    "text_encoder": "text_encoder/encoder.json",
+    "param_dtype": param_dtype,
+    "files": dict(sorted(files.items())),
+  }
+  _write_json(os.path.join(tmp, "manifest.json"), manifest)
   return manifest
 
 

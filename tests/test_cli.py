@@ -236,7 +236,7 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
   # (20 steps learn nothing); README "The demo" reports the full run.
   from PIL import Image
 
-  from imagen_jax import eval_shapes
+  from imagen_jax.evaluation import shapes as eval_shapes
 
   out = tmp_path / "demo_out"
   argv = ["demo", f"--out={out}", "--quick", "--batch_size=8,16,8", "--sampler=ddim,dpmpp_2m,ddim"]

@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from imagen_jax import cli, eval_shapes, images
+from imagen_jax import cli, images
 from imagen_jax.data import shapes
+from imagen_jax.evaluation import shapes as eval_shapes
 from tests import cli_helpers
 
 

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
   import numpy as np
 
-  from imagen_jax import eval_shapes, images
+  from imagen_jax import images
+  from imagen_jax.evaluation import shapes as eval_shapes
 
   _log(f"4/5 sampling {args.num_prompts} prompts through the cascade")
   t0 = time.time()

@@ -1,6 +1,6 @@
 """`imagen-jax eval BENCHMARK`: score images.
 
-  shapes     the synthetic grammar's attribute accuracy (`imagen_jax.eval_shapes`);
+  shapes     the synthetic grammar's attribute accuracy (`imagen_jax.evaluation.shapes`);
   fid        FID of a folder of images against reference statistics (.npz) or a folder;
   reference  write the FID statistics (.npz: mu, sigma) of a folder of images;
   clip       CLIP score of a folder of images against the prompts in its index.json;
@@ -17,7 +17,8 @@ import sys
 import warnings
 from typing import Any
 
-from imagen_jax import errors, eval_shapes
+from imagen_jax import errors
+from imagen_jax.evaluation import shapes as eval_shapes
 from imagen_jax.utils import files
 
 WEIGHTS_HELP = (

@@ -493,3 +493,14 @@ def test_plan_shards_gives_every_process_a_shard():
   assert [len(r) for r in precompute.plan_shards(64, 8, 1)] == [8] * 8
   with pytest.raises(ValueError, match="3 examples cannot give each of 4"):
     precompute.plan_shards(3, 8, 4)
+
+
+def test_rerun_command_keeps_the_after_shard_hook(tmp_path, spm):
+  """The manifest's command repeats the job on every host, hook included; without one it
+  names none."""
+  base = precompute.PrecomputeConfig(out=str(tmp_path / "out"), vocab=spm, source="shapes")
+  hooked = precompute.PrecomputeConfig(
+    out=str(tmp_path / "out"), vocab=spm, source="shapes", after_shard="my_hooks:upload"
+  )
+  assert "--after_shard" not in precompute.command(base)
+  assert precompute.command(hooked) == precompute.command(base) + " --after_shard=my_hooks:upload"

@@ -409,6 +409,15 @@ def initialize_distributed(
   )
 
 
+def process_placement(
+  process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int]:
+  """(this host, number of hosts): the arguments, jax's where None."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return index, count
+
+
 def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
   """Blocks until every process reaches the barrier `name` (no-op for one process).
 

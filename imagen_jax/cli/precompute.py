@@ -155,10 +155,11 @@ def _t5_checkpoint_flag(value: str) -> str:
 def run(args) -> int:
   """Runs `imagen-jax precompute`; prints throughput and size per example."""
   if args.process_index is None or args.process_count is None:
-    import jax
+    from imagen_jax import parallel
 
-    args.process_index = jax.process_index() if args.process_index is None else args.process_index
-    args.process_count = jax.process_count() if args.process_count is None else args.process_count
+    args.process_index, args.process_count = parallel.process_placement(
+      args.process_index, args.process_count
+    )
   cfg = PrecomputeConfig(
     source=args.source,
     task=args.task,

@@ -525,10 +525,9 @@ def _checked_tolerance(max_corrupt_fraction: float | None) -> float:
 def _checked_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """(this host, number of hosts), jax's where not given."""
   if process_index is None or process_count is None:
-    import jax
+    from imagen_jax import parallel
 
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = parallel.process_placement(process_index, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
   return process_index, process_count

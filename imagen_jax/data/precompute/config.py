@@ -102,8 +102,6 @@ class PrecomputeConfig:
     """Raises errors.UserError on bad arguments, before anything is loaded or written."""
     from imagen_jax.nn import t5
 
-    self.shard_hook()  # imports the hook now: a bad one fails before any work
-
     named = (("--source", self.source), ("--task", self.task), ("--mixture", self.mixture))
     given = [flag for flag, value in named if value]
     if len(given) != 1:
@@ -148,6 +146,7 @@ class PrecomputeConfig:
         f"--tfds_data_dir={self.tfds_data_dir!r} does not exist",
         f"pass the TFDS data dir holding {self.source!r}",
       )
+    self.shard_hook()  # imports the user's hook last, after the cheap checks, before any work
 
   def _validate_filters(self) -> None:
     check_minimums(

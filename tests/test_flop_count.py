@@ -36,7 +36,9 @@ def test_flop_counter_closed_form_conv_and_dense():
 def test_train_step_flops_do_not_depend_on_microbatches_and_are_about_three_forwards():
   """The step's model FLOPs are the same math whether the batch runs at once or as a scan over
   2 microbatches (XLA's own count of such a loop is not), and a training step is one forward plus
-  a backward of at most two forwards' convs and matmuls (less: no gradient for the noisy input)."""
+  a backward of about two forwards' convs and matmuls (less: no gradient for the noisy input;
+  more: attention's backward recomputes its logits, one Q.K matmul per layer; 3.007 forwards
+  for this network)."""
   stage = Stage(factory.build_network("tiny_base"), StageConfig(name="t", resolution=16))
   mesh = parallel.create_mesh(data=2, fsdp=4)
   tx, lr = optim.make_optimizer("adafactor", warmup_steps=1, decay_steps=10)
@@ -48,4 +50,4 @@ def test_train_step_flops_do_not_depend_on_microbatches_and_are_about_three_forw
   }
   assert flops[1] == flops[2] > 0
   forward = flop_count.forward_flops(stage.network, 16, 8)
-  assert 2.0 * forward < flops[1] <= 3.0 * forward, flops[1] / forward
+  assert 2.0 * forward < flops[1] <= 3.03 * forward, flops[1] / forward

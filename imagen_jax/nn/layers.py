@@ -395,16 +395,21 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   return _attention_fwd(q, k, v, mask)[0]
 
 
-def _attention_logits(q: Array, k: Array) -> Array:
-  """[B, N, T, S] float32 scaled dot products."""
+def _attention_logits(q: Array, k: Array, mask: Array | None) -> Array:
+  """[B, N, T, S] float32 scaled dot products; masked keys -inf.
+
+  The mask is added as a [B, 1, 1, S] bias rather than selected: XLA:CPU materialised the -inf
+  operand of a select at the full [B, N, T, S] size.
+  """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  return jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is None:
+    return logits
+  return logits + jnp.where(mask, 0.0, -jnp.inf)[:, None, None, :]
 
 
 def _attention_fwd(q, k, v, mask):
-  logits = _attention_logits(q, k)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  logits = _attention_logits(q, k, mask)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # dead rows: all -inf
   unnormalised = jnp.exp(logits - row_max)
@@ -418,9 +423,7 @@ def _attention_fwd(q, k, v, mask):
 
 def _attention_bwd(residuals, d_out):
   q, k, v, mask, out, log_sum_exp = residuals
-  probs = jnp.exp(_attention_logits(q, k) - log_sum_exp)
-  if mask is not None:
-    probs = jnp.where(mask[:, None, None, :], probs, 0.0)
+  probs = jnp.exp(_attention_logits(q, k, mask) - log_sum_exp)  # masked keys: exp(-inf) = 0
   f32 = dict(preferred_element_type=jnp.float32)
   d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(d_out.dtype), d_out, **f32)
   d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, **f32)

@@ -4,6 +4,7 @@ cheap; the paper sizes are only shape-evaluated."""
 
 import functools
 
+import flax
 import gin
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,27 @@ def test_efficient_unet_trained_at_32_runs_at_64_and_128():
     out = jax.jit(net.apply)(params, *args)
     assert out.shape == (1, size, size, 3)
     assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_efficient_unet_final_res_blocks_run_at_full_resolution():
+  """final_res_blocks adds residual blocks at the output's resolution (their convs' kernels
+  are channels wide, seeing the 2x-concatenated last skip), changing the prediction; 0 keeps
+  the paper's layout; a negative count is one clear error."""
+  plain, final = micro_sr(), micro_sr(final_res_blocks=2)
+  args = make_inputs(final, batch=1)
+  params = random_params(final, args)["params"]
+  assert "final_res_1" in params and "final_res_2" not in params
+  assert not any(k.startswith("final_res") for k in random_params(plain, args)["params"])
+  assert params["final_res_0"]["conv_0"]["kernel"].shape == (3, 3, 2 * 8, 8)
+  out = jax.jit(final.apply)({"params": params}, *args)
+  assert out.shape == (1, 16, 16, 3)
+  without = {k: v for k, v in params.items() if not k.startswith("final_res")}
+  # The same weights without the final blocks do not fit (the output head sees their width):
+  # the blocks are on the path to the prediction, not beside it.
+  with pytest.raises(flax.errors.ScopeParamShapeError, match="norm_out"):
+    plain.apply({"params": without}, *args)
+  with pytest.raises(ValueError, match="final_res_blocks=-1 must be >= 0"):
+    micro_sr(final_res_blocks=-1).init(jax.random.PRNGKey(0), *args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ class EfficientUNet(base.TextConditionedUNet):
     block_attention: per block 'none', 'self', 'self_text' (self-attention with text K/V)
       or 'cross' (text cross-attention only).
     num_heads: attention heads (paper: 8).
+    final_res_blocks: residual blocks at the full resolution, after the last skip
+      concatenation (paper: 0; imagen-pytorch's `final_resnet_block` is 1). Every other conv
+      runs at half resolution or less, so without one only the stem and the output conv see
+      the output's pixels; the tiny demo SR stages need it to keep small shapes' corners.
   """
 
   image_size: int = 256
@@ -41,6 +45,7 @@ class EfficientUNet(base.TextConditionedUNet):
   block_res_blocks: tuple[int, ...] = (2, 4, 8, 8)
   block_attention: tuple[str, ...] = ("none", "none", "none", "self_text")
   num_heads: int = 8
+  final_res_blocks: int = 0
 
   @property
   def downsampling_layout(self) -> str:
@@ -58,6 +63,8 @@ class EfficientUNet(base.TextConditionedUNet):
     n = len(self.block_channels)
     if n == 0:
       raise ValueError(f"{name}: block_channels must list at least one block")
+    if self.final_res_blocks < 0:
+      raise ValueError(f"{name}: final_res_blocks={self.final_res_blocks} must be >= 0")
     if len(self.block_res_blocks) != n or len(self.block_attention) != n:
       raise ValueError(
         f"{name}: block_channels={self.block_channels}, block_res_blocks="
@@ -135,5 +142,6 @@ class EfficientUNet(base.TextConditionedUNet):
       out_c = self.block_channels[i - 1] if i > 0 else self.channels
       h = layers.Resample(out_c, "up", name=f"up_{i}_resample", **kw)(h)
     h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
-
+    for j in range(self.final_res_blocks):
+      h = res(self.channels, f"final_res_{j}")(h, emb)
     return self.output_head(h)

@@ -94,3 +94,35 @@ def test_bad_sections_are_rejected():
   run = _load_run()
   with pytest.raises(SystemExit):
     run.parse_args(["--sections=train,bogus"])
+
+
+def test_step_profile_attributes_the_traced_ops_to_layers_and_passes(tmp_path):
+  """benchmarks/step_profile.py on the tiny base recipe (a real compile, trace and xplane
+  parse): attention and res-block layers show up in both passes, the slowest fusions are
+  listed, and op names map to (layer, pass)."""
+  import re
+  import subprocess
+  import sys
+
+  out = tmp_path / "profile.md"
+  script = os.path.join(os.path.dirname(_RUN), "step_profile.py")
+  cmd = [sys.executable, script, "--gin_file=configs/stages/tiny_base.gin", "--batch_size=2"]
+  subprocess.run([*cmd, "--steps=2", f"--out={out}"], check=True, cwd=tmp_path, timeout=600)
+  md = out.read_text()
+  rows = re.findall(r"^\| (\S+) \| (forward|backward|-) \| ([\d.]+) \|", md, re.M)
+  layers = {(layer, which) for layer, which, _ in rows}
+  for which in ("forward", "backward"):
+    assert any("attn" in layer and w == which for layer, w in layers), md
+    assert any("res" in layer and w == which for layer, w in layers), md
+  assert "| `" in md.split("slowest fusions")[1]  # the slowest fusions are listed
+  spec = importlib.util.spec_from_file_location("step_profile", script)
+  step_profile = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(step_profile)
+  assert step_profile.layer_and_pass("jit(f)/transpose(jvp(UNet))/up_1_attn_0/dot_general") == (
+    "up_1_attn_0",
+    "backward",
+  )
+  assert step_profile.layer_and_pass("jit(f)/jvp(UNet)/down_0_res_0/conv") == (
+    "down_0_res_0",
+    "forward",
+  )

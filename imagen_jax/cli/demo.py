@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   a(
     "--train_steps",
     default="2600,1200,800",
-    help="training steps of base16,sr32,sr64 (sized for ~20 min on 2 CPU cores)",
+    help="training steps of base16,sr32,sr64 (about 12 min in all on 2 idle CPU cores)",
   )
   a(
     "--batch_size",

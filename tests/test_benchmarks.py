@@ -4,6 +4,9 @@ import importlib.util
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -12,11 +15,15 @@ _RUN = os.path.join(
 )
 
 
-def _load_run():
-  spec = importlib.util.spec_from_file_location("bench_run", _RUN)
+def _load_script(path: str, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _load_run():
+  return _load_script(_RUN, "bench_run")
 
 
 def _positive(x) -> bool:
@@ -100,10 +107,6 @@ def test_step_profile_attributes_the_traced_ops_to_layers_and_passes(tmp_path):
   """benchmarks/step_profile.py on the tiny base recipe (a real compile, trace and xplane
   parse): attention and res-block layers show up in both passes, the slowest fusions are
   listed, and op names map to (layer, pass)."""
-  import re
-  import subprocess
-  import sys
-
   out = tmp_path / "profile.md"
   script = os.path.join(os.path.dirname(_RUN), "step_profile.py")
   cmd = [sys.executable, script, "--gin_file=configs/stages/tiny_base.gin", "--batch_size=2"]
@@ -115,9 +118,7 @@ def test_step_profile_attributes_the_traced_ops_to_layers_and_passes(tmp_path):
     assert any("attn" in layer and w == which for layer, w in layers), md
     assert any("res" in layer and w == which for layer, w in layers), md
   assert "| `" in md.split("slowest fusions")[1]  # the slowest fusions are listed
-  spec = importlib.util.spec_from_file_location("step_profile", script)
-  step_profile = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(step_profile)
+  step_profile = _load_script(script, "step_profile")
   assert step_profile.layer_and_pass("jit(f)/transpose(jvp(UNet))/up_1_attn_0/dot_general") == (
     "up_1_attn_0",
     "backward",

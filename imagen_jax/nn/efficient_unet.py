@@ -35,7 +35,8 @@ class EfficientUNet(base.TextConditionedUNet):
     final_res_blocks: residual blocks at the full resolution, after the last skip
       concatenation (paper: 0; imagen-pytorch's `final_resnet_block` is 1). Every other conv
       runs at half resolution or less, so without one only the stem and the output conv see
-      the output's pixels; the tiny demo SR stages need it to keep small shapes' corners.
+      the output's pixels. Tried on the demo's SR stages it did not help their small shapes
+      (README "What was tried for the small shapes"), so no shipped recipe sets it.
   """
 
   image_size: int = 256

@@ -395,14 +395,19 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   return _attention_fwd(q, k, v, mask)[0]
 
 
+def _softmax_scale(q: Array) -> float:
+  """1/sqrt(head dim), the logits' scale."""
+  return 1.0 / math.sqrt(q.shape[-1])
+
+
 def _attention_logits(q: Array, k: Array, mask: Array | None) -> Array:
   """[B, N, T, S] float32 scaled dot products; masked keys -inf.
 
   The mask is added as a [B, 1, 1, S] bias rather than selected: XLA:CPU materialised the -inf
   operand of a select at the full [B, N, T, S] size.
   """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * _softmax_scale(q)
   if mask is None:
     return logits
   return logits + jnp.where(mask, 0.0, -jnp.inf)[:, None, None, :]
@@ -429,8 +434,7 @@ def _attention_bwd(residuals, d_out):
   d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, **f32)
   # Softmax backward: dS = P * (dP - sum_s P dP), and sum_s P dP = <dO, O> per row.
   row_dot = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  d_logits = (probs * (d_probs - row_dot[..., None]) * scale).astype(q.dtype)
+  d_logits = (probs * (d_probs - row_dot[..., None]) * _softmax_scale(q)).astype(q.dtype)
   d_q = jnp.einsum("bnts,bsnh->btnh", d_logits, k, **f32)
   d_k = jnp.einsum("bnts,btnh->bsnh", d_logits, q, **f32)
   d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)

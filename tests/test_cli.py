@@ -221,6 +221,7 @@ def test_export_skips_a_truncated_newest_checkpoint(stage_dirs, tmp_path, capsys
     ("--train_steps=10,x,10", "--train_steps='10,x,10'"),
     ("--batch_size=16,0,16", "--batch_size='16,0,16'"),
     ("--sampler=ddim,heun,ddim", "sampler='heun'"),
+    ("--concurrent_stages=0", "--concurrent_stages=0; must be >= 1"),
   ],
 )
 def test_demo_rejects_bad_flags_before_any_work(flag, pattern, tmp_path, capsys):
@@ -260,3 +261,11 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
   with Image.open(out / "samples.png") as im:  # rows: 16, 32, 64 px stages; 16 columns
     w, h = im.size
   assert w > h and h >= 3 * 64
+  for name in ("base16", "sr32", "sr64"):  # each stage trained as its own `imagen-jax train`
+    assert "checkpoint step 20 " in (out / "work" / name / "train.log").read_text(), name
+  # A rerun trains nothing: every stage already has its checkpoint at --train_steps.
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  for name in ("base16", "sr32", "sr64"):
+    assert f"3/5 {name}: already trained to step 20" in printed
+  assert "train_base16" not in json.loads((out / "metrics.json").read_text())["timings_s"]

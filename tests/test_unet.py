@@ -223,6 +223,26 @@ def test_efficient_unet_final_res_blocks_run_at_full_resolution():
     micro_sr(final_res_blocks=-1).init(jax.random.PRNGKey(0), *args)
 
 
+def test_unet_cross_attention_resolutions_attend_to_the_text_only():
+  """cross_attention_resolutions puts text cross-attention (queries from the pixels, K/V from
+  the text only: no pixel K/V) at its levels, next to the self+text attention of
+  attention_resolutions; a level in both, or one that never occurs, is one clear error."""
+  net = micro_base(attention_resolutions=(4,), cross_attention_resolutions=(8,))
+  args = make_inputs(net)
+  params = random_params(net, args)["params"]
+  for name in ("down_0_attn_0", "up_0_attn_0", "up_0_attn_1"):  # the 8 px level
+    assert set(params[name]) == {"norm", "q", "text_k", "text_v", "out"}, name
+  for name in ("down_1_attn_0", "mid_attn", "up_1_attn_0"):  # 4 px: self-attention + text
+    assert {"k", "v", "text_k"} <= set(params[name]), name
+  assert "down_0_attn_0" not in random_params(micro_base(), args)["params"]  # the default
+  out = jax.jit(net.apply)({"params": params}, *args)
+  assert out.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(out)))
+  with pytest.raises(ValueError, match=r"resolutions \[4\] are in both"):
+    micro_base(attention_resolutions=(4,), cross_attention_resolutions=(4,))
+  with pytest.raises(ValueError, match=r"cross_attention_resolutions=\(2,\).*never occur"):
+    micro_base(cross_attention_resolutions=(2,))
+
+
 # --------------------------------------------------------------------------------------------
 # Sharding.
 

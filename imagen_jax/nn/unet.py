@@ -24,6 +24,9 @@ class UNet(base.TextConditionedUNet):
     num_res_blocks: residual blocks per level (paper: 3).
     attention_resolutions: resolutions with attention (paper: (32, 16, 8)).
     text_attention: extend those attention layers' K/V with the text sequence.
+    cross_attention_resolutions: resolutions with text cross-attention only (queries from the
+      pixels, keys/values from the text; paper: none). Where self-attention over every pixel
+      costs too much but each position still needs the caption (the demo base at 16 px).
     head_dim: channels per attention head (paper: 64).
     resblock_updown: resample with residual blocks (BigGAN) rather than plain convs.
   """
@@ -34,6 +37,7 @@ class UNet(base.TextConditionedUNet):
   num_res_blocks: int = 3
   attention_resolutions: tuple[int, ...] = (32, 16, 8)
   text_attention: bool = True
+  cross_attention_resolutions: tuple[int, ...] = ()
   head_dim: int = 64
   resblock_updown: bool = True
 
@@ -53,12 +57,19 @@ class UNet(base.TextConditionedUNet):
     if not self.channel_mult:
       raise ValueError(f"{name}: channel_mult must list at least one level")
     levels = [self.image_size // 2**i for i in range(len(self.channel_mult))]
-    bad = [r for r in self.attention_resolutions if r not in levels]
-    if bad:
+    for field in ("attention_resolutions", "cross_attention_resolutions"):
+      value = getattr(self, field)
+      bad = [r for r in value if r not in levels]
+      if bad:
+        raise ValueError(
+          f"{name}: {field}={value} has {bad}, which never occur; the levels of "
+          f"image_size={self.image_size} with channel_mult={self.channel_mult} are {levels}"
+        )
+    both = sorted(set(self.attention_resolutions) & set(self.cross_attention_resolutions))
+    if both:
       raise ValueError(
-        f"{name}: attention_resolutions={self.attention_resolutions} has {bad}, which never "
-        f"occur; the levels of image_size={self.image_size} with channel_mult="
-        f"{self.channel_mult} are {levels}"
+        f"{name}: resolutions {both} are in both attention_resolutions and "
+        "cross_attention_resolutions; a level has one kind of attention, remove them from one"
       )
     for m in self.channel_mult:
       if (self.channels * m) % self.head_dim:
@@ -99,7 +110,8 @@ class UNet(base.TextConditionedUNet):
     res_cls, attn_cls = self.block_classes()
     attn_kind = "self_text" if self.text_attention else "self"
     # Attention resolutions are given at the training size; keep them as downsampling factors.
-    attn_ds = {self.image_size // r for r in self.attention_resolutions}
+    kind_at = {self.image_size // r: attn_kind for r in self.attention_resolutions}
+    kind_at.update({self.image_size // r: "cross" for r in self.cross_attention_resolutions})
 
     def res(out, resample="none", name=None):
       return res_cls(
@@ -112,10 +124,10 @@ class UNet(base.TextConditionedUNet):
         **kw,
       )
 
-    def attn(h, name):
+    def attn(h, name, kind=attn_kind):
       heads = h.shape[-1] // self.head_dim
-      text_args = () if attn_kind == "self" else (text, text_mask)
-      return attn_cls(attn_kind, heads, self.norm_groups, name=name, **kw)(h, *text_args)
+      text_args = () if kind == "self" else (text, text_mask)
+      return attn_cls(kind, heads, self.norm_groups, name=name, **kw)(h, *text_args)
 
     h = self.stem(h)
     hs = [h]
@@ -123,8 +135,8 @@ class UNet(base.TextConditionedUNet):
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
         h = res(self.channels * mult, name=f"down_{level}_res_{i}")(h, emb)
-        if ds in attn_ds:
-          h = attn(h, f"down_{level}_attn_{i}")
+        if ds in kind_at:
+          h = attn(h, f"down_{level}_attn_{i}", kind_at[ds])
         hs.append(h)
       if level != len(self.channel_mult) - 1:
         if self.resblock_updown:
@@ -142,8 +154,8 @@ class UNet(base.TextConditionedUNet):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res(self.channels * mult, name=f"up_{level}_res_{i}")(h, emb)
-        if ds in attn_ds:
-          h = attn(h, f"up_{level}_attn_{i}")
+        if ds in kind_at:
+          h = attn(h, f"up_{level}_attn_{i}", kind_at[ds])
       if level != 0:
         if self.resblock_updown:
           h = res(h.shape[-1], "up", name=f"up_{level}_resample")(h, emb)

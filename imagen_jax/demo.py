@@ -7,7 +7,7 @@ Steps (each reuses its output when rerun, so an interrupted demo continues):
   3. train the three-stage cascade: base 16 px -> SR 16->32 (self + text attention) ->
      SR 32->64 (text cross-attention only, trained on random 32 px crops). The stages are
      independent (each SR stage trains on real low-res images), so they train as separate
-     `imagen-jax train` processes, two at a time by default: on 2 CPU cores that takes ~25%
+     `imagen-jax train` processes, two at a time by default: on 2 CPU cores that took 6%
      less time than one after the other (README "The demo");
   4. sample fixed grammar prompts through the cascade -> OUT/samples.png + OUT/samples/*.png;
   5. score the samples with the shapes detector and print the metric table.

@@ -46,8 +46,9 @@ def test_at_most_n_jobs_run_at_once_in_order(tmp_path):
 def test_a_failing_job_names_its_last_log_line_and_stops_the_others(tmp_path):
   slow = _interval_job(tmp_path, "slow", 60)
   bad = _job(
-    tmp_path, "bad", "import sys; print('working'); print('ValueError: bad input; fix it'); "
-    "sys.exit(3)"
+    tmp_path,
+    "bad",
+    "import sys; print('working'); print('ValueError: bad input; fix it'); sys.exit(3)",
   )
   never = _interval_job(tmp_path, "never", 0)
   t0 = time.time()

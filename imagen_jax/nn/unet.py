@@ -25,8 +25,9 @@ class UNet(base.TextConditionedUNet):
     attention_resolutions: resolutions with attention (paper: (32, 16, 8)).
     text_attention: extend those attention layers' K/V with the text sequence.
     cross_attention_resolutions: resolutions with text cross-attention only (queries from the
-      pixels, keys/values from the text; paper: none). Where self-attention over every pixel
-      costs too much but each position still needs the caption (the demo base at 16 px).
+      pixels, keys/values from the text; paper: none): far cheaper than self-attention over
+      every pixel. Measured on the demo base at 16 px it was 0.70x the step time but lost small
+      shapes (shape at 16 px 92.2% -> 71.9%), so no shipped recipe sets it.
     head_dim: channels per attention head (paper: 64).
     resblock_updown: resample with residual blocks (BigGAN) rather than plain convs.
   """

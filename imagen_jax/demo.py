@@ -163,7 +163,9 @@ def trained_steps(model_dir: str) -> int:
 
 def last_metrics(model_dir: str) -> dict:
   """The last row of MODEL_DIR/metrics.jsonl ({} before the first)."""
-  line = job_pool.last_line(os.path.join(model_dir, "metrics.jsonl"))
+  from imagen_jax.training.metrics import METRICS_FILE
+
+  line = job_pool.last_line(os.path.join(model_dir, METRICS_FILE))
   try:
     return json.loads(line) if line else {}
   except json.JSONDecodeError:  # a row being written
@@ -177,7 +179,6 @@ class StageProgress:
   def __init__(self, model_dirs: dict[str, str], steps: dict[str, int], every_s: float = 20.0):
     self.model_dirs, self.steps, self.every_s = model_dirs, steps, every_s
     self._last_print, self._last_state = 0.0, {}
-    self._t0 = time.time()
 
   def __call__(self, state: dict[str, str]) -> None:
     now = time.time()

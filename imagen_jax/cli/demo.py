@@ -166,11 +166,10 @@ def _train_stages(
 ) -> list[str]:
   """Trains the stages not yet trained to their step count, --concurrent_stages at a time;
   returns the stage dirs in cascade order."""
-  stage_dirs, jobs, steps = [], [], {}
+  model_dirs, jobs, steps = {}, [], {}  # by stage name, in cascade order
   for gin_file, n, batch in zip(STAGE_GINS, train_steps, batch_sizes, strict=True):
     name = os.path.basename(gin_file).removeprefix("demo_").removesuffix(".gin")
-    model_dir = os.path.join(work, name)
-    stage_dirs.append(model_dir)
+    model_dir = model_dirs[name] = os.path.join(work, name)
     if demo.trained_steps(model_dir) >= n:
       _log(f"3/5 {name}: already trained to step {n} in {model_dir}")
       continue
@@ -179,15 +178,14 @@ def _train_stages(
     steps[name] = n
     _log(f"3/5 training {name}: {n} steps at batch {batch} (log: {jobs[-1].log_path})")
   if not jobs:
-    return stage_dirs
+    return list(model_dirs.values())
   _log(f"    {len(jobs)} stage(s), {args.concurrent_stages} at a time")
   t0 = time.time()
-  dirs = {os.path.basename(d): d for d in stage_dirs}
-  progress = demo.StageProgress({j.name: dirs[j.name] for j in jobs}, steps)
+  progress = demo.StageProgress({name: model_dirs[name] for name in steps}, steps)
   took = job_pool.run_jobs(jobs, args.concurrent_stages, on_tick=progress)
   timings["train"] = time.time() - t0
-  for name, seconds in sorted(took.items(), key=lambda kv: list(dirs).index(kv[0])):
-    timings[f"train_{name}"] = seconds
-    loss = demo.last_metrics(dirs[name]).get("loss")
-    _log(f"    {name} done in {seconds:.0f}s (last loss {loss})")
-  return stage_dirs
+  for name in steps:
+    timings[f"train_{name}"] = took[name]
+    loss = demo.last_metrics(model_dirs[name]).get("loss")
+    _log(f"    {name} done in {took[name]:.0f}s (last loss {loss})")
+  return list(model_dirs.values())

@@ -150,7 +150,7 @@ class TrainLoop:
       if self.is_main
       else None
     )
-    self.metrics_log = run_metrics.JsonLines(os.path.join(self.model_dir, "metrics.jsonl"))
+    self.metrics_log = run_metrics.JsonLines(os.path.join(self.model_dir, run_metrics.METRICS_FILE))
     # Steps after the restored one were logged by a run that died before checkpointing them;
     # they are about to be redone, so drop them: the files stay one clean history.
     if self.is_main:

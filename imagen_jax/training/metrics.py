@@ -18,6 +18,9 @@ from imagen_jax.stage import Stage
 
 log = logging.getLogger(__name__)
 
+# MODEL_DIR/METRICS_FILE: one JSON record per logged step (the demo's progress lines read it).
+METRICS_FILE = "metrics.jsonl"
+
 
 def operative_config() -> str:
   try:

@@ -1,7 +1,7 @@
 """Where one stage's CPU train step spends its time: XLA:CPU's own per-op trace, by layer.
 
   python benchmarks/step_profile.py --gin_file=configs/stages/demo_base16.gin \
-      [--batch_size=16] [--steps=5] [--top=12] [--out=benchmarks/results/step_profile.md]
+      [--batch_size=16] [--steps=5] [--top=12] [--layers=15] [--out=benchmarks/results/step_profile.md]
 
 Compiles the stage's full train step (the gin recipe's network, objective, optimizer and EMA)
 on one CPU device, times `--steps` steps, then traces them with `jax.profiler` and XLA:CPU's
@@ -37,10 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=None, help="default: the recipe's")
   parser.add_argument("--steps", type=int, default=5, help="timed and traced steps")
   parser.add_argument("--top", type=int, default=12, help="rows of the slowest-fusion table")
+  parser.add_argument("--layers", type=int, default=15, help="rows of the per-layer table")
   parser.add_argument("--out", default=None, help="markdown report (default: print only)")
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.top < 1:
-    parser.error("--steps and --top must be >= 1")
+  if min(args.steps, args.top, args.layers) < 1:
+    parser.error("--steps, --top and --layers must be >= 1")
   return args
 
 
@@ -134,7 +135,7 @@ def summarize(totals: collections.Counter, meta: dict, steps: int, top: int) -> 
   return {"per_layer": per_layer, "per_pass": per_pass, "slowest": slowest}
 
 
-def render(name: str, batch: int, step_ms: list[float], summary: dict) -> str:
+def render(name: str, batch: int, step_ms: list[float], summary: dict, layers: int = 15) -> str:
   total = sum(summary["per_pass"].values())
   lines = [
     f"# CPU train-step profile: {name}, batch {batch}",
@@ -147,7 +148,7 @@ def render(name: str, batch: int, step_ms: list[float], summary: dict) -> str:
     "| layer | pass | ms / step | share |",
     "|---|---|---:|---:|",
   ]
-  for (layer, which), ms in summary["per_layer"].most_common(15):
+  for (layer, which), ms in summary["per_layer"].most_common(layers):
     lines.append(f"| {layer} | {which} | {ms:.2f} | {100 * ms / total:.1f}% |")
   lines += ["", "| slowest fusions | ms / step | shape | op_name |", "|---|---:|---|---|"]
   for op, ms, shape, op_name in summary["slowest"]:
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         step()
     totals = _trace_events(trace_dir)
   summary = summarize(totals, _op_metadata(compiled.as_text()), args.steps, args.top)
-  report = render(name, batch_size, step_ms, summary)
+  report = render(name, batch_size, step_ms, summary, args.layers)
   print(report)
   if args.out:
     with open(args.out, "w") as f:

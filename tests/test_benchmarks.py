@@ -128,3 +128,20 @@ def test_step_profile_attributes_the_traced_ops_to_layers_and_passes(tmp_path):
     "down_0_res_0",
     "forward",
   )
+
+
+def test_demo_shapes_study_names_a_missing_cascade_in_one_line(tmp_path):
+  """benchmarks/demo_shapes_study.py on a directory with no trained demo: one line that names
+  the missing stages and the command that makes them, before any model loads."""
+  script = os.path.join(os.path.dirname(_RUN), "demo_shapes_study.py")
+  cmd = [sys.executable, script, f"--demo_out={tmp_path}"]
+  done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  last = done.stderr.strip().splitlines()[-1]
+  assert "no trained base16, sr32, sr64" in last and "imagen-jax demo --out=DIR" in last, last
+  for variant, problem in (("ddim/64", "expected NAME=SAMPLER/STEPS/GUIDANCE"), ("x=ddim/0/8", "--variant='x=ddim/0/8': num_steps=0")):
+    bad = subprocess.run(
+      [*cmd, f"--variant={variant}"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "no trained" not in last and problem in last, last

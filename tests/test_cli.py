@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import gin
 import numpy as np
@@ -17,6 +19,8 @@ import pytest
 from imagen_jax import checkpoints, cli, gin_utils
 from imagen_jax.inference import cascade
 from tests import cascade_helpers, cli_helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGE_GINS = ("configs/stages/demo_base16.gin", "configs/stages/demo_sr32.gin")
 
@@ -269,3 +273,16 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
   for name in ("base16", "sr32", "sr64"):
     assert f"3/5 {name}: already trained to step 20" in printed
   assert "train_base16" not in json.loads((out / "metrics.json").read_text())["timings_s"]
+  # benchmarks/demo_shapes_study.py reads the trained cascade stage by stage, from a directory
+  # outside the repo. Its first 4 prompts of seed 100 are the first 4 of the README's 256, whose
+  # true 32 and 64 px renders the detector reads 100% right.
+  script = os.path.join(REPO, "benchmarks", "demo_shapes_study.py")
+  report = tmp_path / "study.md"
+  study = [sys.executable, script, f"--demo_out={out}", "--num_prompts=4", "--truth"]
+  study += ["--variant=fast=dpmpp_2m/4,2,2/8,1,1", f"--out={report}"]
+  subprocess.run(study, check=True, cwd=tmp_path, timeout=600)
+  md = report.read_text()
+  assert re.search(r"^\| fast \| [\d.]+ / [\d.]+ / [\d.]+ \| [\d.]+% \| \d of 4 \|", md, re.M), md
+  for res in (32, 64):
+    assert f"| true renders at {res} px | 100.0% | 0 |" in md, md
+  assert re.search(r"^\| SR-64 fed true 32 px: shape at 64 px \| [\d.]+% \|", md, re.M), md

@@ -62,8 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   work = os.path.join(args.demo_out, "work")
   missing = [s for s in STAGES if not os.path.isdir(os.path.join(work, s, "checkpoints"))]
   if missing:
-    parser.error(f"--demo_out={args.demo_out}: no trained {', '.join(missing)} under {work}; "
-                 "run `imagen-jax demo --out=DIR` first")
+    parser.error(
+      f"--demo_out={args.demo_out}: no trained {', '.join(missing)} under {work}; "
+      "run `imagen-jax demo --out=DIR` first"
+    )
   return args
 
 
@@ -134,9 +136,7 @@ def score(images_float, prompts: list[str]) -> tuple[dict, int]:
   from imagen_jax.evaluation import shapes as eval_shapes
 
   acc, records = eval_shapes.score(images.to_uint8(images_float), prompts)
-  small_wrong = sum(
-    not r["correct"]["shape"] and r["expected"]["size"] == "small" for r in records
-  )
+  small_wrong = sum(not r["correct"]["shape"] and r["expected"]["size"] == "small" for r in records)
   return acc, small_wrong
 
 
@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
   from imagen_jax.data import shapes
 
   prompts = [shapes.caption(s) for s in specs]
-  runner = StudyRunner(model, prompts, [args.seed + i for i in range(len(prompts))], args.batch_size)
+  runner = StudyRunner(
+    model, prompts, [args.seed + i for i in range(len(prompts))], args.batch_size
+  )
   lines = [
     f"# Demo cascade shapes study: {args.num_prompts} prompts, seed {args.seed}",
     "",
@@ -200,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(variant_row(runner, name, settings))
     print(lines[-1], flush=True)
   if args.truth:
-    lines += ["", f"| ceiling ({variants[0][0]}'s SR settings) | shape | small wrong |",
-              "|---|---:|---:|"]
+    lines += [
+      "",
+      f"| ceiling ({variants[0][0]}'s SR settings) | shape | small wrong |",
+      "|---|---:|---:|",
+    ]
     lines += truth_rows(runner, specs, variants[0][1])
   report = "\n".join(lines) + "\n"
   print(report)

@@ -111,7 +111,9 @@ def test_step_profile_attributes_the_traced_ops_to_layers_and_passes(tmp_path):
   script = os.path.join(os.path.dirname(_RUN), "step_profile.py")
   cmd = [sys.executable, script, "--gin_file=configs/stages/tiny_base.gin", "--batch_size=2"]
   # Every layer is listed: which ones make a top-15 cut depends on two steps' timing noise.
-  subprocess.run([*cmd, "--steps=2", "--layers=1000", f"--out={out}"], check=True, cwd=tmp_path, timeout=600)
+  subprocess.run(
+    [*cmd, "--steps=2", "--layers=1000", f"--out={out}"], check=True, cwd=tmp_path, timeout=600
+  )
   md = out.read_text()
   rows = re.findall(r"^\| (\S+) \| (forward|backward|-) \| ([\d.]+) \|", md, re.M)
   layers = {(layer, which) for layer, which, _ in rows}
@@ -139,7 +141,10 @@ def test_demo_shapes_study_names_a_missing_cascade_in_one_line(tmp_path):
   assert done.returncode == 2
   last = done.stderr.strip().splitlines()[-1]
   assert "no trained base16, sr32, sr64" in last and "imagen-jax demo --out=DIR" in last, last
-  for variant, problem in (("ddim/64", "expected NAME=SAMPLER/STEPS/GUIDANCE"), ("x=ddim/0/8", "--variant='x=ddim/0/8': num_steps=0")):
+  for variant, problem in (
+    ("ddim/64", "expected NAME=SAMPLER/STEPS/GUIDANCE"),
+    ("x=ddim/0/8", "--variant='x=ddim/0/8': num_steps=0"),
+  ):
     bad = subprocess.run(
       [*cmd, f"--variant={variant}"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

@@ -92,16 +92,6 @@ def parse_variant(text: str, thresholding: str) -> tuple[str, list]:
   return name.strip(), settings
 
 
-def prompt_specs(n: int, seed: int) -> list:
-  """The specs behind `imagen_jax.demo.demo_prompts(n, seed)` (same generator, same draws)."""
-  import numpy as np
-
-  from imagen_jax.data import shapes
-
-  rng = np.random.default_rng([seed, 7])
-  return [shapes.sample_spec(rng) for _ in range(n)]
-
-
 class StudyRunner:
   """Samples stage by stage, reusing the samples of every settings prefix already run."""
 
@@ -130,21 +120,22 @@ class StudyRunner:
     return self._cache[key]
 
 
-def score(images_float, prompts: list[str]) -> tuple[dict, int]:
-  """(accuracies, small shapes read wrong) of float images in [-1, 1]."""
-  from imagen_jax import images
+def score(images_u8, prompts: list[str]) -> tuple[dict, int]:
+  """(accuracies, small shapes read wrong) of uint8 images."""
   from imagen_jax.evaluation import shapes as eval_shapes
 
-  acc, records = eval_shapes.score(images.to_uint8(images_float), prompts)
+  acc, records = eval_shapes.score(images_u8, prompts)
   small_wrong = sum(not r["correct"]["shape"] and r["expected"]["size"] == "small" for r in records)
   return acc, small_wrong
 
 
 def variant_row(runner: StudyRunner, name: str, settings: list) -> str:
+  from imagen_jax import images
+
   per_stage, seconds = [], []
   for k in range(len(STAGES)):
     out, s = runner.stage_output(k, settings)
-    per_stage.append(score(out, runner.prompts))
+    per_stage.append(score(images.to_uint8(out), runner.prompts))
     seconds.append(s)
   (acc, small_wrong), n = per_stage[-1], len(runner.prompts)
   shape = " / ".join(f"{100 * a['shape']:.1f}" for a, _ in per_stage)
@@ -159,24 +150,27 @@ def truth_rows(runner: StudyRunner, specs: list, settings: list) -> list[str]:
   """The detector on true renders, and the SR stages fed true 16 px and 32 px renders."""
   import numpy as np
 
+  from imagen_jax import images
   from imagen_jax.data import shapes
 
   true = {r: np.stack([shapes.render(s, r) for s in specs]) for r in (16, 32, 64)}
   rows = []
   for r in (16, 32, 64):
-    acc, small_wrong = score(true[r].astype(np.float32) / 127.5 - 1.0, runner.prompts)
+    acc, small_wrong = score(true[r], runner.prompts)
     rows.append(f"| true renders at {r} px | {100 * acc['shape']:.1f}% | {small_wrong} |")
   for r, label in ((16, "SR-32, SR-64 fed true 16 px"), (32, "SR-64 fed true 32 px")):
     lowres = true[r].astype(np.float32) / 127.5 - 1.0
     first = STAGES.index("sr32" if r == 16 else "sr64")
     out, _ = runner.stage_output(len(STAGES) - 1, settings, lowres, first)
-    acc, small_wrong = score(out, runner.prompts)
+    acc, small_wrong = score(images.to_uint8(out), runner.prompts)
     rows.append(f"| {label}: shape at 64 px | {100 * acc['shape']:.1f}% | {small_wrong} |")
   return rows
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  from imagen_jax.data import shapes
+  from imagen_jax.demo import demo_prompt_specs
   from imagen_jax.inference import cascade
 
   variants = args.variants
@@ -184,13 +178,10 @@ def main(argv: list[str] | None = None) -> int:
   model = cascade.Cascade.from_stage_dirs(
     [os.path.join(work, s) for s in STAGES], vocab_path=os.path.join(work, "spm.model")
   )
-  specs = prompt_specs(args.num_prompts, args.seed)
-  from imagen_jax.data import shapes
-
+  specs = demo_prompt_specs(args.num_prompts, args.seed)  # the demo's own prompts for a seed
   prompts = [shapes.caption(s) for s in specs]
-  runner = StudyRunner(
-    model, prompts, [args.seed + i for i in range(len(prompts))], args.batch_size
-  )
+  seeds = [args.seed + i for i in range(len(prompts))]
+  runner = StudyRunner(model, prompts, seeds, args.batch_size)
   lines = [
     f"# Demo cascade shapes study: {args.num_prompts} prompts, seed {args.seed}",
     "",

@@ -36,14 +36,21 @@ def _log(msg: str) -> None:
   print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def demo_prompts(n: int, seed: int) -> list[str]:
-  """n prompts drawn from the shapes grammar (seeded)."""
+def demo_prompt_specs(n: int, seed: int) -> list:
+  """The n shapes-grammar specs (seeded) behind `demo_prompts`: what each prompt should draw."""
   import numpy as np
 
   from imagen_jax.data import shapes
 
   rng = np.random.default_rng([seed, 7])
-  return [shapes.caption(shapes.sample_spec(rng)) for _ in range(n)]
+  return [shapes.sample_spec(rng) for _ in range(n)]
+
+
+def demo_prompts(n: int, seed: int) -> list[str]:
+  """n prompts drawn from the shapes grammar (seeded)."""
+  from imagen_jax.data import shapes
+
+  return [shapes.caption(spec) for spec in demo_prompt_specs(n, seed)]
 
 
 def train_shapes_vocabulary(model_prefix: str, seed: int = 0) -> str:

@@ -33,7 +33,8 @@ class StageConfig:
     resolution: output resolution when sampling.
     lowres_resolution: resolution of the conditioning image (None for the base stage).
     train_crop: train on random crops of this size (SR-1024 style; None = full images).
-    schedule: log-SNR schedule of the denoising process ('cosine' or 'linear').
+    schedule: log-SNR schedule of the denoising process ('cosine' or 'linear'), optionally
+      shifted: 'cosine+2.77' adds 2.77 to λ at every t (less noise; the demo's 16 px base).
     objective: what the network predicts: 'eps' (paper) or 'v'.
     min_snr_gamma: optional min-SNR-γ loss weighting (None = the paper's unweighted loss).
     text_drop_prob: probability of zeroing the text condition (classifier-free guidance).
@@ -59,8 +60,8 @@ class StageConfig:
   sample_max_threshold: float | None = None
 
   def __post_init__(self):
-    check_choice("schedule", self.schedule, schedules.SCHEDULES)
-    check_choice("aug_schedule", self.aug_schedule, schedules.SCHEDULES)
+    schedules.check_schedule("schedule", self.schedule)
+    schedules.check_schedule("aug_schedule", self.aug_schedule)
     check_choice("objective", self.objective, process.OBJECTIVES)
     check_range("text_drop_prob", self.text_drop_prob, 0.0, 1.0)
     check_range("aug_max_level", self.aug_max_level, 0.0, 1.0)

@@ -10,7 +10,7 @@ import pytest
 from imagen_jax.diffusion import guidance, losses, noise_aug, process, schedules, thresholding
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear"])
+@pytest.mark.parametrize("name", ["cosine", "linear", "cosine+2.77", "linear-1.5"])
 def test_schedule_is_decreasing_and_variance_preserving(name):
   log_snr = schedules.get_schedule(name)(jnp.linspace(0.0, 1.0, 1001))
   assert np.all(np.diff(np.asarray(log_snr)) < 0), "λ must strictly decrease in t"
@@ -49,6 +49,35 @@ def test_linear_matches_discrete_1000_step_product():
 def test_unknown_schedule_names_the_argument():
   with pytest.raises(ValueError, match=r"schedule='quadratic'.*cosine, linear"):
     schedules.get_schedule("quadratic")
+  with pytest.raises(ValueError, match=r"aug_schedule='cosine\+'.*shift such as 'cosine\+2.77'"):
+    schedules.check_schedule("aug_schedule", "cosine+")
+  with pytest.raises(ValueError, match=r"schedule='cosine-12'.*within \+-10"):
+    schedules.get_schedule("cosine-12")
+
+
+def test_shifted_schedule_adds_the_shift_to_log_snr_and_keeps_the_clip():
+  t = jnp.linspace(0.0, 1.0, 101)
+  base = np.asarray(schedules.cosine_log_snr(t))
+  shifted = np.asarray(schedules.get_schedule("cosine+2.77")(t))
+  np.testing.assert_allclose(shifted, np.clip(base + 2.77, -20.0, 20.0), rtol=1e-6)
+  # SNR is multiplied by e^2.77 = 16 = (64/16)^2 at every t where neither end clips: the
+  # "shifted cosine" of a 16 px stage relative to 64 px (Hoogeboom et al. 2023).
+  inside = (base > -20.0) & (base + 2.77 < 20.0)
+  np.testing.assert_allclose(np.exp(shifted - base)[inside], math.exp(2.77), rtol=1e-4)
+  assert shifted[-1] == pytest.approx(-20.0 + 2.77)  # pure noise still: α² ≈ 4e-8
+  np.testing.assert_array_equal(schedules.get_schedule("cosine+0")(t), base)
+  assert schedules.parse_schedule("linear-1.5") == ("linear", -1.5)
+
+
+def test_stage_and_sampler_configs_reject_a_bad_shifted_schedule():
+  from imagen_jax.diffusion.samplers import SamplerConfig
+  from imagen_jax.stage import StageConfig
+
+  assert StageConfig(schedule="cosine+2.77").schedule == "cosine+2.77"
+  with pytest.raises(ValueError, match=r"^schedule='cosine\+2,77' is not supported"):
+    StageConfig(schedule="cosine+2,77")
+  with pytest.raises(ValueError, match=r"^schedule='cosine\+20'.*within"):
+    SamplerConfig(schedule="cosine+20")
 
 
 def test_eps_v_x0_conversions_round_trip():

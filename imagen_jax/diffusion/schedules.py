@@ -2,19 +2,21 @@
 
 The forward process is variance preserving: z_t = α_t x + σ_t ε with α² = sigmoid(λ),
 σ² = sigmoid(−λ), so α² + σ² = 1 and α²/σ² = exp(λ). λ decreases from data (t=0) to noise
-(t=1). Schedules are chosen by name (`get_schedule`), which is what gin binds.
+(t=1). Schedules are chosen by name (`get_schedule`), which is what gin binds. A name may end
+in a log-SNR shift, 'cosine+2.77': λ(t) + 2.77 at every t, less noise at every time (Hoogeboom
+et al.'s "shifted cosine" for a resolution d is 'cosine' shifted by 2 log(64 / d)).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import discrete
-from imagen_jax.utils.validation import check_choice
 
 # λ is clipped to this range so both endpoints stay finite in float32: sigmoid(±20) is within
 # 2e-9 of 0/1, i.e. pure noise at t=1 and (almost) clean data at t=0.
@@ -75,9 +77,43 @@ SCHEDULES: dict[str, LogSnrFn] = {
 }
 
 
+# A schedule name, optionally followed by a signed log-SNR shift: 'cosine', 'cosine+2.77'.
+_SHIFTED_NAME = re.compile(r"(?P<base>[a-z_]+)(?P<shift>[+-]\d+(\.\d+)?)?")
+MAX_SHIFT = 10.0
+
+
+def parse_schedule(name: str, argument: str = "schedule") -> tuple[str, float]:
+  """('cosine', 2.77) for 'cosine+2.77', ('cosine', 0.0) for 'cosine'; a ValueError naming
+  `argument` otherwise."""
+  match = _SHIFTED_NAME.fullmatch(name) if isinstance(name, str) else None
+  if match is None or match["base"] not in SCHEDULES:
+    raise ValueError(
+      f"{argument}={name!r} is not supported; allowed values: {', '.join(SCHEDULES)}, each "
+      "optionally followed by a log-SNR shift such as 'cosine+2.77'"
+    )
+  shift = float(match["shift"] or 0.0)
+  if abs(shift) > MAX_SHIFT:
+    raise ValueError(
+      f"{argument}={name!r}: a log-SNR shift of {shift:+g} leaves almost no training time at "
+      f"either end; use a shift within +-{MAX_SHIFT:g}"
+    )
+  return match["base"], shift
+
+
+def check_schedule(argument: str, name: str) -> str:
+  """Returns `name` if it names a schedule (optionally shifted), else raises naming `argument`."""
+  parse_schedule(name, argument)
+  return name
+
+
 def get_schedule(name: str) -> LogSnrFn:
-  """The log-SNR function λ(t) of the named schedule ('cosine' or 'linear')."""
-  return SCHEDULES[check_choice("schedule", name, SCHEDULES)]
+  """The log-SNR function λ(t) of the named schedule ('cosine', 'linear', 'deepfloyd', each
+  optionally shifted: 'cosine+2.77' is λ_cosine(t) + 2.77, clipped to the same range)."""
+  base, shift = parse_schedule(name)
+  log_snr = SCHEDULES[base]
+  if shift == 0.0:
+    return log_snr
+  return lambda t: jnp.clip(log_snr(t) + shift, LOG_SNR_MIN, LOG_SNR_MAX)
 
 
 def alpha_sigma(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:

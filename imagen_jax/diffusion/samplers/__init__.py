@@ -57,7 +57,7 @@ class SamplerConfig:
     check_choice("time_spacing", self.time_spacing, TIME_SPACINGS)
     check_positive_int("num_steps", self.num_steps)
     check_range("eta", self.eta, 0.0, 1.0)
-    check_choice("schedule", self.schedule, schedules.SCHEDULES)
+    schedules.check_schedule("schedule", self.schedule)
     check_choice("objective", self.objective, process.OBJECTIVES)
     check_choice("thresholding", self.thresholding, thresholding_lib.THRESHOLDING_MODES)
     check_range("percentile", self.percentile, 0.0, 100.0, low_open=True)

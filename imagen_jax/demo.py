@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from imagen_jax.utils import job_pool
+from imagen_jax.utils import cpu_malloc, job_pool
 
 STAGE_GINS = (
   "configs/stages/demo_base16.gin",
@@ -135,7 +135,8 @@ def stage_train_job(
   extra_gin_files: Sequence[str] = (),
 ) -> job_pool.Job:
   """One stage's training as an `imagen-jax train` command (it resumes from MODEL_DIR's
-  checkpoints); its output goes to MODEL_DIR/train.log."""
+  checkpoints) with glibc malloc set to keep XLA:CPU's step scratch memory (`cpu_malloc`); its
+  output goes to MODEL_DIR/train.log."""
   bindings = {
     "MODEL_DIR": repr(model_dir),
     "DATA": repr(data),
@@ -151,7 +152,8 @@ def stage_train_job(
   argv += [f"--gin_file={f}" for f in gin_files]
   argv += [f"--gin.{k}={v}" for k, v in bindings.items()]
   name = os.path.basename(model_dir)
-  return job_pool.Job(name, argv, os.path.join(model_dir, "train.log"))
+  log_path = os.path.join(model_dir, "train.log")
+  return job_pool.Job(name, argv, log_path, cpu_malloc.child_env(os.environ))
 
 
 def trained_steps(model_dir: str) -> int:

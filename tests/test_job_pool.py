@@ -68,3 +68,13 @@ def test_last_line_splits_progress_bar_carriage_returns(tmp_path):
   assert job_pool.last_line(str(tmp_path / "missing")) == ""
   with pytest.raises(ValueError, match="max_concurrent=0"):
     job_pool.run_jobs([], 0)
+
+
+def test_a_job_runs_in_its_own_environment(tmp_path):
+  show = "import os; print(os.environ.get('IMAGEN_JAX_JOB_VAR', 'unset'))"
+  with_env = job_pool.Job(
+    "e", [sys.executable, "-c", show], str(tmp_path / "e.log"), {"IMAGEN_JAX_JOB_VAR": "7"}
+  )
+  job_pool.run_jobs([with_env, _job(tmp_path, "i", show)], 2, interval_s=0.05)
+  assert (tmp_path / "e.log").read_text().strip() == "7"
+  assert (tmp_path / "i.log").read_text().strip() == "unset"  # env=None inherits this process's

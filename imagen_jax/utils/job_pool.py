@@ -12,18 +12,20 @@ import dataclasses
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from imagen_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One command: `argv` runs with stdout and stderr appended to `log_path`."""
+  """One command: `argv` runs with stdout and stderr appended to `log_path`, in `env` (None:
+  this process's environment)."""
 
   name: str
   argv: Sequence[str]
   log_path: str
+  env: Mapping[str, str] | None = None
 
 
 class JobFailed(errors.UserError):
@@ -71,7 +73,8 @@ def run_jobs(
       while pending and len(running) < max_concurrent:
         job = pending.pop(0)
         with open(job.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-          proc = subprocess.Popen(list(job.argv), stdout=log, stderr=subprocess.STDOUT)
+          env = None if job.env is None else dict(job.env)
+          proc = subprocess.Popen(list(job.argv), stdout=log, stderr=subprocess.STDOUT, env=env)
         running[job.name] = (job, proc, time.time())
         state[job.name] = "running"
       time.sleep(interval_s)

@@ -1,8 +1,8 @@
 """utils/cpu_malloc: the glibc settings the demo's training jobs run with, and what they do.
 
-The effect is checked on the real mechanism: a child process runs a jitted function whose XLA:CPU
-scratch buffer (~128 MB) is allocated and freed at every call, and counts its own minor page
-faults over repeated calls.
+The effect is checked on the real mechanism: a child process runs the demo base's compiled train
+step (whose XLA:CPU scratch buffer is allocated and freed at every step) and counts its own minor
+page faults over repeated steps.
 """
 
 import json
@@ -10,35 +10,41 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from imagen_jax import demo
 from imagen_jax.utils import cpu_malloc
 
-_FAULTS_PER_CALL = r"""
-import json, resource
-import jax, jax.numpy as jnp
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FAULTS_PER_STEP = r"""
+import json, resource, sys
+sys.path.insert(0, "benchmarks")
+import jax
+import step_profile  # builds a recipe's full train step on one CPU device
 
-@jax.jit
-def step(x):  # two 64 MB intermediates that live only inside the executable
-  y = jnp.sin(x) * 2.0
-  z = jnp.cos(y) @ y
-  return jnp.sum(z * y)
-
-x = jnp.ones((4096, 4096), jnp.float32)
-step(x).block_until_ready()
-step(x).block_until_ready()
+args = step_profile.parse_args(["--gin_file=configs/stages/demo_base16.gin"])
+step, state, batch, rng, *_ = step_profile._build(args)
+for _ in range(3):
+  state = step(state, batch, rng)[0]
+jax.block_until_ready(state)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(6):
-  step(x).block_until_ready()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps((after - before) / 6))
+for _ in range(10):
+  state = step(state, batch, rng)[0]
+jax.block_until_ready(state)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10))
 """
 
 
-def _faults_per_call(env: dict[str, str]) -> float:
+def _faults_per_step(env: dict[str, str]) -> float:
   env = {**env, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)  # one CPU device, as an `imagen-jax train` job has
+  env.pop("XLA_FLAGS", None)  # one CPU device and the default compiler, as a demo training job
   done = subprocess.run(
-    [sys.executable, "-c", _FAULTS_PER_CALL], env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, "-c", _FAULTS_PER_STEP],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert done.returncode == 0, done.stderr[-2000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
@@ -57,12 +63,12 @@ def test_demo_training_jobs_run_with_the_settings(tmp_path):
   assert job.env["PATH"] == os.environ["PATH"]
 
 
-def test_the_settings_stop_scratch_memory_faulting_back_in_every_call():
+@pytest.mark.slow
+def test_the_settings_stop_scratch_memory_faulting_back_in_every_step():
   base = {k: v for k, v in os.environ.items() if k not in cpu_malloc.KEEP_SCRATCH_MAPPED}
-  plain = _faults_per_call(base)
-  kept = _faults_per_call(cpu_malloc.child_env(base))
-  # Without them every call maps its scratch afresh: at least 64 MB of 4 KiB pages.
+  plain = _faults_per_step(base)
+  kept = _faults_per_step(cpu_malloc.child_env(base))
+  # Without them every step maps its 110 MB scratch afresh: ~28,000 faults of 4 KiB pages.
   assert plain > 16_000, plain
-  # Measured here: ~49,000 faults per call without, ~8,200 with (the demo base step: 30,000
-  # without, under 1,500 with).
+  # Measured here: ~28,200 faults per step without, ~2,800 with.
   assert kept < plain / 4, (kept, plain)

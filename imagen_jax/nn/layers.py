@@ -407,7 +407,7 @@ def _attention_logits(q: Array, k: Array, mask: Array | None) -> Array:
   operand of a select at the full [B, N, T, S] size. The scale multiplies q, S times fewer
   elements than the logits (demo base train step 0.905x, A/B in one process).
   """
-  scaled_q = q * jnp.asarray(_softmax_scale(q), q.dtype)
+  scaled_q = q * _softmax_scale(q)  # a Python float: q keeps its dtype
   logits = jnp.einsum("btnh,bsnh->bnts", scaled_q, k, preferred_element_type=jnp.float32)
   if mask is None:
     return logits
